@@ -1,0 +1,5 @@
+"""Evaluation: specialisation and accuracy metrics."""
+
+from moedpo.eval.metrics import adjusted_rand_index, best_permutation, pair_accuracy, total_variation
+
+__all__ = ["adjusted_rand_index", "best_permutation", "pair_accuracy", "total_variation"]

@@ -1,0 +1,32 @@
+"""Pure tensor math of Mix-/MoE-DPO: margins, DPO variants, mixture likelihoods, posteriors, ELBO."""
+
+from moedpo.losses.anticollapse import load_balance_loss, usage_entropy_penalty
+from moedpo.losses.dpo import LOSS_TYPES, bernoulli_logits, dpo_loss, log_likelihood, margins
+from moedpo.losses.mixture import (
+    component_log_likelihood,
+    elbo,
+    mixture_nll,
+    mixture_reward,
+    responsibilities,
+    user_mixture_nll,
+    user_responsibilities,
+    weighted_dpo_loss,
+)
+
+__all__ = [
+    "LOSS_TYPES",
+    "bernoulli_logits",
+    "component_log_likelihood",
+    "dpo_loss",
+    "elbo",
+    "load_balance_loss",
+    "log_likelihood",
+    "margins",
+    "mixture_nll",
+    "mixture_reward",
+    "responsibilities",
+    "usage_entropy_penalty",
+    "user_mixture_nll",
+    "user_responsibilities",
+    "weighted_dpo_loss",
+]

@@ -1,0 +1,89 @@
+"""Gates w(x, u) on the K-simplex, as plain ``nn.Module``s returning logits (B, K).
+
+- :class:`FixedGate` — Mix-DPO: global proportions w (learned, or frozen when given).
+- :class:`MLPGate` — MoE-DPO: w(x) from prompt features.
+- :class:`UserGate` — personalised w(x, u): a user embedding and/or user feature columns, optionally with
+  prompt features.
+- :func:`top1_route` — sparse routing: the one-hot top-1 choice of a gate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FixedGate(nn.Module):
+    """Global mixture weights, independent of the input. ``weights`` given and ``learnable=False`` freezes them."""
+
+    def __init__(self, num_experts: int, weights: torch.Tensor | None = None, learnable: bool = True):
+        super().__init__()
+        init = torch.zeros(num_experts) if weights is None else torch.log(torch.as_tensor(weights).float())
+        if init.shape != (num_experts,):
+            raise ValueError(f"FixedGate weights must have shape ({num_experts},), got {tuple(init.shape)}")
+        self.logits = nn.Parameter(init, requires_grad=learnable)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.logits.expand(batch_size, -1)  # (B, K)
+
+    @torch.no_grad()
+    def set_proportions(self, q: torch.Tensor) -> None:
+        """Closed-form M-step: w = mean of the responsibilities q (N, K)."""
+        self.logits.copy_(torch.log(q.mean(0).clamp_min(1e-12)))
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, out_dim))
+
+
+class MLPGate(nn.Module):
+    """MoE-DPO gate: prompt features (B, D) -> logits (B, K)."""
+
+    def __init__(self, in_dim: int, num_experts: int, hidden: int = 64):
+        super().__init__()
+        self.net = _mlp(in_dim, hidden, num_experts)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class UserGate(nn.Module):
+    """Personalised gate: logits from a user-id embedding, user features and/or prompt features.
+
+    ``forward(user_ids=None, user_features=None, features=None)`` adds the parts that are configured.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        num_users: int = 0,
+        user_feature_dim: int = 0,
+        prompt_feature_dim: int = 0,
+        hidden: int = 64,
+    ):
+        super().__init__()
+        if not (num_users or user_feature_dim):
+            raise ValueError("UserGate needs num_users (an id embedding) or user_feature_dim (feature columns)")
+        self.embedding = nn.Embedding(num_users, num_experts) if num_users else None
+        if self.embedding is not None:
+            nn.init.normal_(self.embedding.weight, std=0.01)
+        in_dim = user_feature_dim + prompt_feature_dim
+        self.net = _mlp(in_dim, hidden, num_experts) if in_dim else None
+
+    def forward(self, user_ids=None, user_features=None, features=None) -> torch.Tensor:
+        logits = 0
+        if self.embedding is not None:
+            if user_ids is None:
+                raise ValueError("this UserGate has a user embedding: pass user_ids")
+            logits = logits + self.embedding(user_ids)
+        if self.net is not None:
+            parts = [t for t in (user_features, features) if t is not None]
+            if not parts:
+                raise ValueError("this UserGate reads feature columns: pass user_features and/or features")
+            logits = logits + self.net(torch.cat(parts, -1))
+        return logits
+
+
+def top1_route(gate_logits: torch.Tensor) -> torch.Tensor:
+    """Hard top-1 assignment (B, K) -> one-hot (B, K): which expert a sparse MoE runs for each input."""
+    return nn.functional.one_hot(gate_logits.argmax(-1), gate_logits.shape[-1]).to(gate_logits.dtype)
