@@ -18,7 +18,11 @@ from moedpo.models.guides import empty_guide, posterior_guide
 
 
 def marginal_loss(model, guide=None, *args, max_plate_nesting: int | None = None, **kwargs) -> torch.Tensor:
-    """Negative (exact, enumerated) ELBO summed over the batch; equals -log p(obs) when ``guide`` is None."""
+    """Negative (exact, enumerated) ELBO summed over the batch; equals -log p(obs) when ``guide`` is None.
+
+    Something must require grad (Pyro refuses a constant); for a plain number use
+    :func:`moedpo.inference.marginal_nll`.
+    """
     elbo = TraceEnum_ELBO(max_plate_nesting=plate_nesting(model, max_plate_nesting))
     return elbo.differentiable_loss(model, guide or empty_guide, *args, **kwargs)
 

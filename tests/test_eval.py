@@ -1,0 +1,24 @@
+"""Evaluation metrics against hand-worked values."""
+
+import pytest
+import torch
+
+from moedpo.eval import adjusted_rand_index, best_permutation, pair_accuracy, total_variation
+
+
+def test_ari_hand_values():
+    """Identical partitions (any relabelling) -> 1. For true [0,0,1,1] vs pred [0,0,0,1]: contingency
+    [[2,0],[1,1]], sum C(n_ij,2) = 1, rows C(2,2)+C(2,2) = 2, cols C(3,2)+C(1,2) = 3, C(4,2) = 6;
+    expected 2*3/6 = 1, max (2+3)/2 = 2.5 -> (1 - 1)/(2.5 - 1) = 0."""
+    assert adjusted_rand_index([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(1.0)
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(0.0)
+    # [0,0,0,1,1,1] vs [0,0,1,1,2,2]: index C(2,2)+1*0+... = 1+1 = 2, rows 3+3 = 6, cols 1+1+1 = 3,
+    # total 15: expected 6*3/15 = 1.2, max 4.5 -> (2 - 1.2) / 3.3
+    assert adjusted_rand_index([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]) == pytest.approx(0.8 / 3.3)
+
+
+def test_best_permutation_and_tv():
+    cost = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    assert best_permutation(cost) == (1, 0)
+    assert total_variation(torch.tensor([0.5, 0.5]), torch.tensor([0.8, 0.2])).item() == pytest.approx(0.3)
+    assert pair_accuracy(torch.tensor([0.9, 0.2, 0.6, 0.5])) == pytest.approx(0.5)
