@@ -1,0 +1,151 @@
+"""Shared trunk + expert heads (the paper's MoE-DPO parameterisation) and independent experts.
+
+:class:`HeadsBank` runs the frozen bottom layers once per batch; each expert owns LoRA adapters on the top
+``top_layers`` decoder layers and reruns only those from the cached trunk output. It works for decoder stacks
+whose model forward accepts ``inputs_embeds`` without adding to them (Llama, Mistral, Qwen2/3, Phi-3 ...); the
+split is verified against the full forward at construction and refused with a clear error otherwise.
+:class:`IndependentBank` holds K full copies of a small model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from moedpo.experts.bank import ExpertBank, LoRABank
+from moedpo.experts.logprobs import pooled_prompt_features, sequence_logps
+
+
+def _decoder_stack(model):
+    """(decoder module, its ModuleList of layers, the final-norm attribute name) of a causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"heads mode needs a decoder with a `layers` ModuleList; {type(base).__name__} has none "
+            "(use experts.mode=lora)"
+        )
+    norm = "norm" if hasattr(decoder, "norm") else None
+    return decoder, layers, norm
+
+
+class HeadsBank(LoRABank):
+    """Shared frozen trunk (bottom layers, run once per batch) + per-expert LoRA on the top ``top_layers``."""
+
+    def __init__(self, model, num_experts: int, *, top_layers: int = 1, **lora):
+        _, layers, _ = _decoder_stack(model)
+        depth = len(layers)
+        if not 1 <= top_layers <= depth:
+            raise ValueError(f"top_layers must be in [1, {depth}] for this model, got {top_layers}")
+        self.split = depth - top_layers
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in layers[-1].named_modules() if isinstance(m, nn.Linear)})
+        lora.setdefault("target_modules", linear)  # every linear layer of the expert-owned top layers
+        super().__init__(model, num_experts, layers_to_transform=list(range(self.split, depth)), **lora)
+        self.decoder, self.layers, self.norm_name = _decoder_stack(self.model)
+        self._trunk_key, self._trunk = None, None
+        self._verify_split()
+
+    @contextlib.contextmanager
+    def _only_layers(self, layers, keep_norm: bool):
+        saved_layers = self.decoder.layers
+        saved_norm = getattr(self.decoder, self.norm_name) if self.norm_name else None
+        self.decoder.layers = nn.ModuleList(layers)
+        if self.norm_name and not keep_norm:
+            setattr(self.decoder, self.norm_name, nn.Identity())
+        try:
+            yield
+        finally:
+            self.decoder.layers = saved_layers
+            if self.norm_name:
+                setattr(self.decoder, self.norm_name, saved_norm)
+
+    @torch.no_grad()
+    def trunk(self, batch) -> torch.Tensor:
+        """Hidden states after the frozen bottom layers (2B, T, D), computed once per batch."""
+        key = (batch["input_ids"].data_ptr(), tuple(batch["input_ids"].shape), batch["index"].tolist())
+        if key != self._trunk_key:
+            with self._only_layers(self.layers[: self.split], keep_norm=False):
+                out = self.decoder(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                )
+            self._trunk_key, self._trunk = key, out.last_hidden_state
+        return self._trunk
+
+    def _top_logps(self, batch):
+        hidden = self.trunk(batch)
+        with self._only_layers(self.layers[self.split :], keep_norm=True):
+            return sequence_logps(
+                self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], inputs_embeds=hidden
+            )
+
+    def expert_logps(self, k: int, batch: dict) -> torch.Tensor:
+        self.model.set_adapter(self.names[k])
+        for param in self._trainable.values():
+            param.requires_grad_(True)
+        return self._top_logps(batch)
+
+    @torch.no_grad()
+    def _verify_split(self) -> None:
+        ids = torch.arange(2, 10, device=self.device).remainder(self.model.config.vocab_size).unsqueeze(0)
+        mask = torch.ones_like(ids)
+        probe = {
+            "input_ids": ids.repeat(2, 1),
+            "attention_mask": mask.repeat(2, 1),
+            "completion_mask": torch.cat([torch.zeros(2, 4), torch.ones(2, 4)], 1).long().to(self.device),
+            "index": torch.tensor([-1], device=self.device),
+        }
+        with self.model.disable_adapter():
+            full = sequence_logps(self.model, probe["input_ids"], probe["attention_mask"], probe["completion_mask"])
+            split = self._top_logps(probe)
+        self._trunk_key = None
+        if not torch.allclose(full.float(), split.float(), atol=1e-4, rtol=1e-4):
+            raise ValueError(
+                f"heads mode: splitting {type(self.model.get_base_model()).__name__} into trunk and "
+                "top layers changes its output (its forward treats inputs_embeds specially); "
+                "use experts.mode=lora"
+            )
+
+
+class IndependentBank(ExpertBank):
+    """K separate full models (small models only); the reference is the frozen original."""
+
+    def __init__(self, model, num_experts: int, *, init_std: float = 0.0, seed: int = 0, autocast_dtype=None):
+        super().__init__(autocast_dtype)
+        self.num_experts = num_experts
+        self.reference_model = model.eval().requires_grad_(False)
+        self.experts = nn.ModuleList()
+        for k in range(num_experts):
+            expert = copy.deepcopy(model).train().requires_grad_(True)
+            if init_std:
+                generator = torch.Generator().manual_seed(seed + 1000 * k)
+                with torch.no_grad():
+                    for param in expert.parameters():
+                        param.add_(torch.randn(param.shape, generator=generator).to(param) * init_std)
+            self.experts.append(expert)
+        self.device = next(model.parameters()).device
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"expert_{k}.{n}": p for k, e in enumerate(self.experts) for n, p in e.named_parameters()}
+
+    def expert_logps(self, k: int, batch: dict) -> torch.Tensor:
+        return sequence_logps(self.experts[k], batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+
+    def reference_pass(self, batch):
+        logps, out = sequence_logps(
+            self.reference_model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            return_outputs=True,
+            output_hidden_states=True,
+        )
+        return logps, pooled_prompt_features(out.hidden_states[-1], batch["attention_mask"], batch["completion_mask"])
+
+    def save_experts(self, directory) -> None:
+        """Full model folders ``directory/expert_<k>`` (``AutoModelForCausalLM.from_pretrained`` loads them)."""
+        for k, expert in enumerate(self.experts):
+            expert.save_pretrained(f"{directory}/expert_{k}")
