@@ -101,7 +101,9 @@ def normalise_row(record: dict[str, Any], source: str, row: int) -> PreferenceRo
                 try:
                     value = json.loads(value)
                 except json.JSONDecodeError:
-                    raise PreferenceDataError(source, row, field, f"expected a list of numbers, got {value!r:.80}")
+                    raise PreferenceDataError(
+                        source, row, field, f"expected a list of numbers, got {value!r:.80}"
+                    ) from None
             if not isinstance(value, list | tuple) or not all(isinstance(v, int | float) for v in value):
                 raise PreferenceDataError(source, row, field, f"expected a list of numbers, got {value!r:.80}")
             value = [float(v) for v in value]
