@@ -131,6 +131,14 @@ def _distinct_lora_init(model, adapter_names, init_std: float, seed: int) -> Non
                     param.copy_(noise.to(param.dtype))
 
 
+def resolve_target_modules(model, spec):
+    """PEFT target modules; ``"all-linear+head"`` = every linear layer including the output head (PEFT's
+    ``"all-linear"`` leaves the head out, and the head is where token-level preferences are cheapest to learn)."""
+    if spec != "all-linear+head":
+        return spec
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
 class LoRABank(ExpertBank):
     """K LoRA adapters ``expert_0..expert_{K-1}`` on one causal LM; reference = adapters disabled, or a
     per-expert reference adapter (``reference_adapters[k]``: a PEFT adapter folder, frozen)."""
@@ -143,7 +151,7 @@ class LoRABank(ExpertBank):
         r: int = 8,
         alpha: int = 16,
         dropout: float = 0.0,
-        target_modules="all-linear",
+        target_modules="all-linear+head",
         layers_to_transform: list[int] | None = None,
         init_std: float = 0.02,
         seed: int = 0,
@@ -159,7 +167,7 @@ class LoRABank(ExpertBank):
             r=r,
             lora_alpha=alpha,
             lora_dropout=dropout,
-            target_modules=target_modules,
+            target_modules=resolve_target_modules(model, target_modules),
             layers_to_transform=layers_to_transform,
             task_type="CAUSAL_LM",
         )

@@ -33,18 +33,28 @@ def _decoder_stack(model):
     return decoder, layers, norm
 
 
-class HeadsBank(LoRABank):
-    """Shared frozen trunk (bottom layers, run once per batch) + per-expert LoRA on the top ``top_layers``."""
+def _output_head_name(model) -> str:
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
 
-    def __init__(self, model, num_experts: int, *, top_layers: int = 1, **lora):
+
+class HeadsBank(LoRABank):
+    """Shared frozen trunk (bottom layers, run once per batch) + per-expert LoRA on the top ``top_layers`` and,
+    with ``output_head``, on the output head."""
+
+    def __init__(self, model, num_experts: int, *, top_layers: int = 1, output_head: bool = True, **lora):
         _, layers, _ = _decoder_stack(model)
         depth = len(layers)
         if not 1 <= top_layers <= depth:
             raise ValueError(f"top_layers must be in [1, {depth}] for this model, got {top_layers}")
         self.split = depth - top_layers
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in layers[-1].named_modules() if isinstance(m, nn.Linear)})
-        lora.setdefault("target_modules", linear)  # every linear layer of the expert-owned top layers
-        super().__init__(model, num_experts, layers_to_transform=list(range(self.split, depth)), **lora)
+        owned = "|".join(str(i) for i in range(self.split, depth))
+        pattern = rf".*\.layers\.({owned})\.(.*\.)?({'|'.join(linear)})"  # every linear layer of the top layers
+        if output_head:
+            pattern += f"|{_output_head_name(model)}"  # ... and the output head
+        lora.setdefault("target_modules", pattern)
+        super().__init__(model, num_experts, **lora)
         self.decoder, self.layers, self.norm_name = _decoder_stack(self.model)
         self._trunk_key, self._trunk = None, None
         self._verify_split()
@@ -111,7 +121,8 @@ class HeadsBank(LoRABank):
 
 
 class IndependentBank(ExpertBank):
-    """K separate full models (small models only); the reference is the frozen original."""
+    """K separate full models (small models only); the reference is the frozen original. Copies start apart by
+    relative noise: each weight tensor gets ``0.1 * init_std * std(tensor)`` Gaussian noise."""
 
     def __init__(self, model, num_experts: int, *, init_std: float = 0.0, seed: int = 0, autocast_dtype=None):
         super().__init__(autocast_dtype)
@@ -124,7 +135,8 @@ class IndependentBank(ExpertBank):
                 generator = torch.Generator().manual_seed(seed + 1000 * k)
                 with torch.no_grad():
                     for param in expert.parameters():
-                        param.add_(torch.randn(param.shape, generator=generator).to(param) * init_std)
+                        scale = 0.1 * init_std * (param.std() if param.numel() > 1 else 0.0)
+                        param.add_(torch.randn(param.shape, generator=generator).to(param) * scale)
             self.experts.append(expert)
         self.device = next(model.parameters()).device
 

@@ -133,14 +133,23 @@ class VariationalEM:
         self._last_q = q
 
     # -- one optimisation step -----------------------------------------------------------------------------
-    def step(self, batch) -> float:
-        """One E-step and ``m_steps`` M-step updates on ``batch``; returns the last mean per-pair loss."""
-        marginals = None
+    def step(self, *micro_batches) -> float:
+        """One E-step and ``m_steps`` M-step updates; several micro-batches accumulate into one update.
+
+        Returns the mean per-pair loss (averaged over micro-batches); ``self.metrics`` holds the rest.
+        """
+        marginals = [None] * len(micro_batches)
         for _ in range(self.m_steps):
             self.optimizer.zero_grad(set_to_none=True)
-            marginals = self.backward(batch, marginals=marginals if self.schedule == "em" else None)
+            records, qs = [], []
+            for i, batch in enumerate(micro_batches):
+                reuse = marginals[i] if self.schedule == "em" else None
+                marginals[i] = self.backward(batch, loss_scale=1 / len(micro_batches), marginals=reuse)
+                records.append(self.metrics)
+                qs.append(self._last_q)
+            self.metrics = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
             self.apply_gradients()
-        self.update_gate(self._last_q)
+        self.update_gate(torch.cat(qs))
         self.num_steps += 1
         return self.metrics["loss"]
 

@@ -1,0 +1,213 @@
+"""Typed run configuration: dataclasses, YAML files, ``section.key=value`` overrides; unknown keys fail.
+
+moedpo train --config examples/configs/builtin_user_lora.yaml em.num_experts=3 train.max_steps=100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin"  # "builtin" (tiny Llama + local tokenizer), a hub name or a local folder
+    hidden_size: int = 64  # builtin only
+    num_layers: int = 2  # builtin only
+    dtype: str = "float32"  # weights: float32 | bfloat16 | float16
+    trust_remote_code: bool = False  # only if you trust the model repository's code
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"  # "builtin", "builtin:domain", a JSON/JSONL/CSV/Parquet file or a datasets name
+    split: str = "train"
+    eval_source: str | None = None  # held-out file; default: eval_fraction of each annotator's pairs
+    eval_fraction: float = 0.25
+    max_length: int | None = 256
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_start"  # keep_start | keep_end (TRL)
+    annotators_per_type: int = 10  # builtin only
+    pairs_per_annotator: int = 40  # builtin only (30 train + 10 held-out pairs each with eval_fraction 0.25)
+
+
+@dataclass
+class ExpertsConfig:
+    mode: str = "lora"  # lora | heads | independent
+    num_experts: int = 2
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: Any = "all-linear+head"  # PEFT names/regex; all-linear+head adds the output head
+    output_head: bool = True  # heads mode: each expert also owns a LoRA on the output head
+    top_layers: int = 1  # heads mode: decoder layers each expert owns
+    init_std: float = 0.2  # distinct expert initialisation (LoRA B noise; parameter noise for independent)
+    reference_adapters: list | None = None  # per-expert reference pi_ref(k): one PEFT adapter folder per expert
+
+
+@dataclass
+class GateConfig:
+    type: str = "fixed"  # fixed (Mix-DPO) | mlp (MoE-DPO on prompt features) | user (user-id embedding)
+    closed_form: bool = True  # fixed gate: w = running mean of the responsibilities
+    momentum: float = 0.9
+    hidden: int = 64
+    user_features: bool = False  # user gate: also read the user_features column
+    routing: str = "dense"  # dense | top1 (generation and sparse evaluation use the top expert)
+
+
+@dataclass
+class EMConfig:
+    schedule: str = "em"  # em | svi | gumbel
+    scope: str = "user"  # user (one latent per annotator) | pair (one latent per comparison)
+    beta: float = 0.5
+    label_smoothing: float = 0.0  # robust / conservative DPO link
+    m_steps: int = 1
+    temperature_start: float = 1.0  # gumbel
+    temperature_end: float = 0.1
+    temperature_steps: int = 100
+    straight_through: bool = True  # gumbel: top-1 sparse updates
+    load_balance: float = 0.0
+    usage_entropy: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/moedpo"
+    overwrite: bool = False
+    seed: int = 0
+    max_steps: int = 150
+    learning_rate: float = 1e-2
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 10
+    batch_size: int = 16  # pairs per step (pair scope)
+    users_per_batch: int = 2  # annotators per step, all their pairs (user scope)
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    bf16: str = "auto"  # auto (bf16 autocast on CUDA) | true | false
+    device: str = "auto"
+    eval_every: int = 50
+    checkpoint_every: int = 25
+    logging_every: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    em: EMConfig = field(default_factory=EMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _accepted(section) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(section))
+
+
+def _set(config: Config, dotted: str, value, origin: str) -> None:
+    if "." not in dotted:
+        raise ConfigError(f"{origin}: {dotted!r} is not of the form section.key; sections: {_accepted(config)}")
+    section_name, key = dotted.split(".", 1)
+    if section_name not in {f.name for f in dataclasses.fields(config)}:
+        raise ConfigError(f"{origin}: unknown section {section_name!r}; accepted: {_accepted(config)}")
+    section = getattr(config, section_name)
+    if key not in {f.name for f in dataclasses.fields(section)}:
+        raise ConfigError(f"{origin}: unknown key {dotted!r}; accepted {section_name}.*: {_accepted(section)}")
+    setattr(section, key, _coerce(section, key, value, origin))
+
+
+def _coerce(section, key, value, origin):
+    """Check and convert a value to the field's declared type (YAML reads 2e-3 as a string, for one)."""
+    kind = next(f.type for f in dataclasses.fields(section) if f.name == key)
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    if value is None:
+        if "None" in kind or kind == "Any":
+            return None
+        raise ConfigError(f"{origin}: {key} cannot be empty (expected {kind})")
+    base = kind.split("|")[0].strip()
+    try:
+        if base == "float" and not isinstance(value, bool):
+            return float(value)
+        if base == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "false"):
+                return str(value).lower() == "true"
+            raise ValueError
+        if base == "str":
+            return str(value)
+        if base == "list" and isinstance(value, list):
+            return value
+        if base == "Any":
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(
+        f"{origin}: {type(section).__name__.removesuffix('Config').lower()}.{key}={value!r}: expected {kind}"
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    config = Config()
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        for section_name, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section_name!r} must be a mapping; sections: {_accepted(config)}")
+            for key, value in values.items():
+                _set(config, f"{section_name}.{key}", value, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=50")
+        key, raw = item.split("=", 1)
+        _set(config, key.strip(), yaml.safe_load(raw) if raw.strip() else None, "override")
+    validate(config)
+    return config
+
+
+CHOICES = {
+    ("experts", "mode"): ("lora", "heads", "independent"),
+    ("gate", "type"): ("fixed", "mlp", "user"),
+    ("gate", "routing"): ("dense", "top1"),
+    ("em", "schedule"): ("em", "svi", "gumbel"),
+    ("em", "scope"): ("user", "pair"),
+    ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
+    ("data", "truncation_mode"): ("keep_start", "keep_end"),
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+}
+
+
+def validate(config: Config) -> None:
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}={value!r}: expected one of {choices}")
+    if config.experts.num_experts < 1:
+        raise ConfigError("experts.num_experts must be >= 1")
+    if config.em.scope == "user" and config.gate.type == "mlp":
+        raise ConfigError(
+            "gate.type=mlp reads prompt features, which differ between one annotator's pairs; "
+            "with em.scope=user use gate.type=fixed or gate.type=user"
+        )
+
+
+def save_config(config: Config, path: Path) -> None:
+    header = f"# resolved moedpo config; rerun with: moedpo train --config {path}\n"
+    path.write_text(header + yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,112 @@
+"""The run directory (SPEC §3): metrics log, atomic checkpoints for ``--resume``, final artefacts.
+
+    config.yaml  metrics.jsonl  experts/expert_<k>/  gate.safetensors  users.json  base/ (builtin model)
+    checkpoint/  (params.safetensors, gate.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json)
+    report/
+
+Checkpoints are written to ``checkpoint.tmp`` and swapped in by renames, so a crash mid-save never spoils
+the last good one. Tensors are loaded with ``weights_only=True`` / safetensors: no pickle of untrusted files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT = "checkpoint"
+
+
+class MetricsLogger:
+    """JSONL metrics (one object per step) plus TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop what the killed run logged after its checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            pass
+
+    def log(self, step: int, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def save_checkpoint(run_dir: Path, step: int, params: dict, gate_state: dict, optimizer, scheduler) -> None:
+    """Write everything a resumed run needs, atomically (tmp folder + renames)."""
+    tmp, final, old = run_dir / f"{CHECKPOINT}.tmp", run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, tmp / "params.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in gate_state.items()}, tmp / "gate.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "complete": True}))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The last complete checkpoint: ``checkpoint/``, else a complete ``.tmp`` or the ``.old`` left by a crash."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old"):
+        state = run_dir / name / "state.json"
+        if state.exists() and json.loads(state.read_text()).get("complete"):
+            return run_dir / name
+    return None
+
+
+def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler) -> int:
+    """Restore parameters, gate, optimizer, scheduler and RNG in place; returns the step."""
+    saved = load_file(path / "params.safetensors")
+    missing = set(params) - set(saved)
+    if missing:
+        raise ValueError(
+            f"{path}: checkpoint lacks {len(missing)} parameters (e.g. {sorted(missing)[0]}); "
+            "was it written with another experts.* config?"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name].to(param.device, param.dtype))
+    gate.load_state_dict(load_file(path / "gate.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_python_state(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def _as_python_state(state):
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

@@ -1,0 +1,194 @@
+"""``moedpo.train(config)``: K LLM experts and a gate by variational EM (Mix-/MoE-DPO, arXiv 2510.08256).
+
+One loop, top to bottom: build -> (resume) -> for each step: E-step + M-step on a batch via the core's
+``VariationalEM`` (the bank pushes d loss / d h into one expert at a time) -> log -> evaluate -> checkpoint.
+Distributed runs wrap this same loop; there is no second copy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from moedpo.builders import build_bank, build_base, build_gate, gate_logits, prepare_data, resolve_device
+from moedpo.config import Config, save_config
+from moedpo.data.tokenize import collate
+from moedpo.eval.evaluate import evaluate
+from moedpo.inference import VariationalEM
+from moedpo.models import mixture_bt_model, user_bt_model
+from moedpo.runs import MetricsLogger, find_checkpoint, load_checkpoint, save_checkpoint
+
+
+class BatchPlan:
+    """Deterministic batches by step (so a resumed run sees the same data): pairs, or whole annotators."""
+
+    def __init__(self, examples: list[dict], by_user: bool, per_batch: int, seed: int):
+        if by_user:
+            groups: dict[int, list[dict]] = {}
+            for e in examples:
+                groups.setdefault(e["user"], []).append(e)
+            self.units = list(groups.values())
+        else:
+            self.units = [[e] for e in examples]
+        self.per_batch, self.seed = max(1, min(per_batch, len(self.units))), seed
+        self.per_epoch = math.ceil(len(self.units) / self.per_batch)
+
+    def __call__(self, index: int) -> list[dict]:
+        epoch, position = divmod(index, self.per_epoch)
+        order = list(range(len(self.units)))
+        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        chosen = order[position * self.per_batch : (position + 1) * self.per_batch]
+        return [e for i in chosen for e in self.units[i]]
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def _prepare_run_dir(config: Config, resume: bool) -> Path:
+    run_dir = Path(config.train.output_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not config.train.overwrite:
+            raise FileExistsError(
+                f"{run_dir} exists and is not empty: pass --resume to continue it, "
+                "train.overwrite=true to replace it, or another train.output_dir"
+            )
+        shutil.rmtree(run_dir)
+    if resume and find_checkpoint(run_dir) is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _step_metrics(stash: list[dict], beta: float, loop_metrics: dict, gate_w: torch.Tensor) -> dict:
+    """TRL-style per-expert reward metrics and the mixture's predictive accuracy for the last batch."""
+    out = {k: v for k, v in loop_metrics.items()}
+    chosen = torch.cat([s["chosen_logps"] - _ref(s["ref_chosen_logps"]) for s in stash])  # (B, K)
+    rejected = torch.cat([s["rejected_logps"] - _ref(s["ref_rejected_logps"]) for s in stash])
+    h = chosen - rejected
+    for k in range(h.shape[1]):
+        out[f"expert_{k}/rewards/chosen"] = float(beta * chosen[:, k].mean())
+        out[f"expert_{k}/rewards/rejected"] = float(beta * rejected[:, k].mean())
+        out[f"expert_{k}/rewards/margins"] = float(beta * h[:, k].mean())
+        out[f"expert_{k}/rewards/accuracies"] = float((h[:, k] > 0).float().mean())
+    prob = (gate_w * torch.sigmoid(beta * h)).sum(-1)
+    out["rewards/accuracies"] = float((prob > 0.5).float().mean())
+    return out
+
+
+def _ref(ref):
+    return ref if ref.dim() == 2 else ref.unsqueeze(-1)
+
+
+def train(config: Config, resume: bool = False) -> Path:
+    """Train and return the run directory. Bad data fails before the run directory is touched."""
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+    device = resolve_device(config.train.device)
+    tokenizer, base = build_base(config)
+    data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
+    run_dir = _prepare_run_dir(config, resume)
+    save_config(config, run_dir / "config.yaml")
+    (run_dir / "users.json").write_text(__import__("json").dumps(data.user_ids))
+    if config.model.name_or_path == "builtin" and not (run_dir / "base").exists():
+        tokenizer.save_pretrained(run_dir / "base")
+        base.save_pretrained(run_dir / "base")
+
+    bank = build_bank(config, base, device)
+    feature_dim = base.config.hidden_size
+    gate = build_gate(config, feature_dim, len(data.user_ids), data.user_feature_dim).to(device)
+    params = dict(bank.trainable_parameters())
+    params.update({f"gate.{n}": p for n, p in gate.named_parameters() if p.requires_grad})
+    t = config.train
+    optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps))
+
+    em, user_scope = config.em, config.em.scope == "user"
+    stash: list[dict] = []
+
+    def forward(batch):
+        out = bank.margins(batch)
+        stash.append(out)
+        logits, local = gate_logits(config, gate, batch, out["features"])
+        result = {"h": out["h"], "gate_logits": logits, "backward": lambda grad_h: bank.push(batch, grad_h)}
+        if user_scope:
+            result["user_index"] = local
+        return result
+
+    loop = VariationalEM(
+        forward,
+        optimizer,
+        beta=em.beta,
+        model=user_bt_model if user_scope else mixture_bt_model,
+        schedule=em.schedule,
+        m_steps=em.m_steps,
+        label_smoothing=em.label_smoothing,
+        closed_form_gate=gate if config.gate.type == "fixed" and config.gate.closed_form else None,
+        gate_momentum=config.gate.momentum,
+        straight_through=em.straight_through,
+        temperature=(em.temperature_start, em.temperature_end, em.temperature_steps),
+        load_balance=em.load_balance,
+        usage_entropy=em.usage_entropy,
+        clip_grad_norm=t.max_grad_norm,
+        lr_scheduler=scheduler,
+    )
+    start = 0
+    if resume:
+        start = load_checkpoint(find_checkpoint(run_dir), params, gate, optimizer, scheduler)
+        loop.num_steps = start
+    logger = MetricsLogger(run_dir, resume_step=start if resume else None)
+    plan = BatchPlan(data.train, user_scope, t.users_per_batch if user_scope else t.batch_size, t.seed)
+    acc = t.gradient_accumulation_steps
+    pad = tokenizer.pad_token_id
+    progress = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="moedpo", disable=None)
+    for step in progress:
+        stash.clear()
+        micro = [collate(plan(step * acc + i), pad) for i in range(acc)]
+        loss = loop.step(*micro)
+        if (step + 1) % t.logging_every == 0 or step + 1 == t.max_steps:
+            with torch.no_grad():
+                w = torch.cat([_pair_weights(config, gate, b, s["features"]) for b, s in zip(micro, stash)])
+            metrics = _step_metrics(stash, em.beta, loop.metrics, w.cpu())
+            metrics.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) * acc / plan.per_epoch})
+            if t.eval_every and (step + 1) % t.eval_every == 0 and data.eval:
+                metrics.update(evaluate(config, bank, gate, data.train, data.eval, pad)[0])
+            logger.log(step + 1, metrics)
+            progress.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
+            save_checkpoint(run_dir, step + 1, params, gate.state_dict(), optimizer, scheduler)
+    logger.close()
+    save_checkpoint(run_dir, t.max_steps, params, gate.state_dict(), optimizer, scheduler)
+    _save_artefacts(config, run_dir, bank, gate, data, pad)
+    return run_dir
+
+
+def _pair_weights(config, gate, batch, features):
+    logits, local = gate_logits(config, gate, batch, features)
+    w = torch.softmax(logits, -1)
+    return w if local is None else w[local]
+
+
+def _save_artefacts(config, run_dir: Path, bank, gate, data, pad) -> None:
+    from moedpo.eval.report import write_report
+
+    bank.save_experts(run_dir / "experts")
+    save_file({k: v.detach().cpu().contiguous() for k, v in gate.state_dict().items()}, run_dir / "gate.safetensors")
+    if data.eval:
+        metrics, details = evaluate(config, bank, gate, data.train, data.eval, pad)
+        write_report(run_dir / "report", metrics, details, data.eval, run_dir / "metrics.jsonl")
