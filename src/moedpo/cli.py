@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 TRAIN_HELP = "Train K experts and a gate. With no arguments: the built-in world on a tiny model (no downloads)."
 
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     p_gen.add_argument("--expert", default="auto", help="expert index, or auto (the gate's top expert)")
     p_gen.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
+    # peft 0.21 calls a renamed transformers helper on every wrap; the warning is theirs and says nothing to users
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     from moedpo.config import ConfigError, load_config
     from moedpo.data.formats import PreferenceDataError

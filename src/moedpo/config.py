@@ -76,7 +76,7 @@ class EMConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/moedpo"
+    output_dir: str = "runs/moedpo-{time}"  # {time} becomes the start time, so reruns never collide
     overwrite: bool = False
     seed: int = 0
     max_steps: int = 150

@@ -7,9 +7,11 @@ Distributed runs wrap this same loop; there is no second copy.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +64,10 @@ def _lr_lambda(kind: str, warmup: int, total: int):
 
 
 def _prepare_run_dir(config: Config, resume: bool) -> Path:
+    if "{time}" in config.train.output_dir:
+        if resume:
+            raise FileNotFoundError("--resume needs the run's own train.output_dir (see its config.yaml)")
+        config.train.output_dir = config.train.output_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(config.train.output_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not config.train.overwrite:
@@ -96,31 +102,17 @@ def _ref(ref):
     return ref if ref.dim() == 2 else ref.unsqueeze(-1)
 
 
-def train(config: Config, resume: bool = False) -> Path:
-    """Train and return the run directory. Bad data fails before the run directory is touched."""
-    torch.manual_seed(config.train.seed)
-    random.seed(config.train.seed)
-    device = resolve_device(config.train.device)
-    tokenizer, base = build_base(config)
-    data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
-    run_dir = _prepare_run_dir(config, resume)
+def _write_run_header(config: Config, run_dir: Path, tokenizer, base, data) -> None:
     save_config(config, run_dir / "config.yaml")
-    (run_dir / "users.json").write_text(__import__("json").dumps(data.user_ids))
+    (run_dir / "users.json").write_text(json.dumps(data.user_ids))
     if config.model.name_or_path == "builtin" and not (run_dir / "base").exists():
-        tokenizer.save_pretrained(run_dir / "base")
+        tokenizer.save_pretrained(run_dir / "base")  # the built-in base is not on any hub: keep it with the run
         base.save_pretrained(run_dir / "base")
 
-    bank = build_bank(config, base, device)
-    feature_dim = base.config.hidden_size
-    gate = build_gate(config, feature_dim, len(data.user_ids), data.user_feature_dim).to(device)
-    params = dict(bank.trainable_parameters())
-    params.update({f"gate.{n}": p for n, p in gate.named_parameters() if p.requires_grad})
-    t = config.train
-    optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps))
 
+def _em_loop(config: Config, bank, gate, optimizer, scheduler, stash: list) -> VariationalEM:
+    """The core's VariationalEM over the bank: forward gives margins without a graph and a push-backward."""
     em, user_scope = config.em, config.em.scope == "user"
-    stash: list[dict] = []
 
     def forward(batch):
         out = bank.margins(batch)
@@ -131,7 +123,7 @@ def train(config: Config, resume: bool = False) -> Path:
             result["user_index"] = local
         return result
 
-    loop = VariationalEM(
+    return VariationalEM(
         forward,
         optimizer,
         beta=em.beta,
@@ -145,17 +137,35 @@ def train(config: Config, resume: bool = False) -> Path:
         temperature=(em.temperature_start, em.temperature_end, em.temperature_steps),
         load_balance=em.load_balance,
         usage_entropy=em.usage_entropy,
-        clip_grad_norm=t.max_grad_norm,
+        clip_grad_norm=config.train.max_grad_norm,
         lr_scheduler=scheduler,
     )
-    start = 0
-    if resume:
-        start = load_checkpoint(find_checkpoint(run_dir), params, gate, optimizer, scheduler)
-        loop.num_steps = start
+
+
+def train(config: Config, resume: bool = False) -> Path:
+    """Train and return the run directory. Bad data fails before the run directory is touched."""
+    t = config.train
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    tokenizer, base = build_base(config)
+    data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
+    run_dir = _prepare_run_dir(config, resume)
+    _write_run_header(config, run_dir, tokenizer, base, data)
+
+    bank = build_bank(config, base, resolve_device(t.device))
+    gate = build_gate(config, base.config.hidden_size, len(data.user_ids), data.user_feature_dim).to(bank.device)
+    params = dict(bank.trainable_parameters())
+    params.update({f"gate.{n}": p for n, p in gate.named_parameters() if p.requires_grad})
+    optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps))
+    stash: list[dict] = []  # the bank's outputs for this step's micro-batches, for metrics
+    loop = _em_loop(config, bank, gate, optimizer, scheduler, stash)
+    start = load_checkpoint(find_checkpoint(run_dir), params, gate, optimizer, scheduler) if resume else 0
+    loop.num_steps = start
+
     logger = MetricsLogger(run_dir, resume_step=start if resume else None)
+    user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, tokenizer.pad_token_id
     plan = BatchPlan(data.train, user_scope, t.users_per_batch if user_scope else t.batch_size, t.seed)
-    acc = t.gradient_accumulation_steps
-    pad = tokenizer.pad_token_id
     progress = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="moedpo", disable=None)
     for step in progress:
         stash.clear()
@@ -164,7 +174,7 @@ def train(config: Config, resume: bool = False) -> Path:
         if (step + 1) % t.logging_every == 0 or step + 1 == t.max_steps:
             with torch.no_grad():
                 w = torch.cat([_pair_weights(config, gate, b, s["features"]) for b, s in zip(micro, stash)])
-            metrics = _step_metrics(stash, em.beta, loop.metrics, w.cpu())
+            metrics = _step_metrics(stash, config.em.beta, loop.metrics, w.cpu())
             metrics.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) * acc / plan.per_epoch})
             if t.eval_every and (step + 1) % t.eval_every == 0 and data.eval:
                 metrics.update(evaluate(config, bank, gate, data.train, data.eval, pad)[0])

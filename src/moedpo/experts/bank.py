@@ -217,4 +217,5 @@ class LoRABank(ExpertBank):
 
     def save_experts(self, directory) -> None:
         """One standard PEFT adapter folder per expert: ``directory/expert_<k>``."""
-        self.model.save_pretrained(str(directory), selected_adapters=self.names)
+        # LoRA on the output head leaves the base head untouched: do not copy it into every adapter folder
+        self.model.save_pretrained(str(directory), selected_adapters=self.names, save_embedding_layers=False)

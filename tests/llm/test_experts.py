@@ -1,0 +1,116 @@
+"""Expert banks: log-probs against a float64 twin, push() against autograd, caching, sparsity, errors."""
+
+import pytest
+import torch
+
+from moedpo.data.builtin import make_builtin_rows
+from moedpo.data.formats import normalise_row
+from moedpo.data.tokenize import collate, tokenize_rows
+from moedpo.experts import HeadsBank, IndependentBank, LoRABank, selective_log_softmax, sequence_logps
+
+
+@pytest.fixture
+def batch(tokenizer):
+    rows = [normalise_row(r, "builtin", i) for i, r in enumerate(make_builtin_rows(2, 3, seed=2))]
+    return collate(tokenize_rows(rows, tokenizer).examples[:6], tokenizer.pad_token_id)
+
+
+def test_sequence_logps_match_float64_twin(tiny_model, batch):
+    model = tiny_model.double()
+    got = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    token = torch.log_softmax(logits, -1)[:, :-1].gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    expected = (token * batch["completion_mask"][:, 1:]).sum(-1)
+    assert torch.allclose(got, expected, atol=1e-10)
+
+
+def test_selective_log_softmax_bf16_rows_upcast():
+    logits = torch.randn(3, 5, 11).bfloat16()
+    labels = torch.randint(11, (3, 5))
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    assert torch.allclose(selective_log_softmax(logits, labels), expected, atol=1e-6)
+
+
+BANKS = [(LoRABank, {}), (HeadsBank, {"top_layers": 1}), (IndependentBank, {"init_std": 0.2})]
+
+
+@pytest.mark.parametrize("cls, options", BANKS, ids=["lora", "heads", "independent"])
+def test_push_equals_autograd_and_experts_start_apart(cls, options, tiny_model, batch):
+    bank = cls(tiny_model, 3, **options)
+    out = bank.margins(batch)
+    assert out["h"].shape == (6, 3) and out["features"].shape == (6, 32)
+    assert (out["h"][:, 0] - out["h"][:, 1]).abs().max() > 1e-4  # distinct initialisation
+    grad_h = torch.randn(6, 3)
+    bank.push(batch, grad_h)
+    pushed = {n: p.grad.clone() for n, p in bank.trainable_parameters().items() if p.grad is not None}
+    for p in bank.trainable_parameters().values():
+        p.grad = None
+    total = 0
+    for k in range(3):
+        chosen, rejected = bank.expert_logps(k, batch).chunk(2)
+        h = (chosen - out["ref_chosen_logps"]) - (rejected - out["ref_rejected_logps"])
+        total = total + (h * grad_h[:, k]).sum()
+    total.backward()
+    autograd = {n: p.grad for n, p in bank.trainable_parameters().items() if p.grad is not None}
+    assert pushed.keys() == autograd.keys() and pushed
+    for name in pushed:
+        assert torch.allclose(pushed[name], autograd[name], atol=1e-6), name
+
+
+def test_reference_is_computed_once_per_example(tiny_model, batch):
+    bank = LoRABank(tiny_model, 2)
+    calls = []
+    original = bank.reference_pass
+    bank.reference_pass = lambda b: calls.append(1) or original(b)
+    first = bank.margins(batch)
+    second = bank.margins(batch)
+    assert len(calls) == 1 and torch.equal(first["ref_chosen_logps"], second["ref_chosen_logps"])
+    with bank.model.disable_adapter():  # the reference is the base with adapters disabled
+        ref = sequence_logps(bank.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    assert torch.allclose(first["ref_chosen_logps"], ref.chunk(2)[0])
+
+
+def test_sparse_push_runs_only_routed_pairs(tiny_model, batch):
+    bank = LoRABank(tiny_model, 3)
+    bank.margins(batch)
+    sizes = []
+    original = bank.expert_logps
+    bank.expert_logps = lambda k, b: sizes.append((k, b["index"].numel())) or original(k, b)
+    grad_h = torch.zeros(6, 3)
+    grad_h[[0, 1], 0] = 1.0  # two pairs routed to expert 0, one to expert 2, none to expert 1
+    grad_h[4, 2] = -1.0
+    bank.push(batch, grad_h)
+    assert sizes == [(0, 2), (2, 1)]
+
+
+def test_heads_trunk_runs_once_and_matches_full_forward(tiny_model, batch):
+    bank = HeadsBank(tiny_model, 2, top_layers=1)
+    with bank.model.disable_adapter():
+        full = sequence_logps(bank.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        split = bank._top_logps(batch)
+    assert torch.allclose(full, split, atol=1e-5)
+    trunk = bank.trunk(batch)
+    assert bank.trunk(batch) is trunk  # cached for every expert of this batch
+
+
+def test_heads_mode_refuses_models_without_a_layer_stack(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(ValueError, match="use experts.mode=lora"):
+        HeadsBank(model, 2)
+
+
+def test_lora_experts_save_as_standard_peft_folders(tiny_model, batch, tmp_path):
+    from peft import PeftModel
+
+    from moedpo.data.builtin import tiny_causal_lm
+
+    bank = LoRABank(tiny_model, 2)
+    logps = bank.margins(batch)["chosen_logps"]  # (B, K)
+    bank.save_experts(tmp_path)
+    for k in range(2):
+        base = tiny_causal_lm(tiny_model.config.vocab_size, 32, 2, pad_token_id=tiny_model.config.pad_token_id)
+        plain = PeftModel.from_pretrained(base, str(tmp_path / f"expert_{k}"))
+        got = sequence_logps(plain, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        assert torch.allclose(got.detach().chunk(2)[0], logps[:, k], atol=1e-5)

@@ -1,0 +1,53 @@
+"""Planted annotator types on a tiny LLM: K=2 recovers them and beats K=1 DPO on held-out pairs.
+
+Built-in world: type "bright" prefers completions with more of token set A, type "dark" more of set B;
+10 annotators per type, 30 training + 10 held-out pairs each. User scope (with the Mix-DPO gate and with a
+user-conditioned gate) for the lora and heads modes; pair scope with the MoE gate when the prompt's domain
+reveals the type.
+"""
+
+import pytest
+
+from moedpo.config import load_config
+from moedpo.runs import read_metrics
+from moedpo.train import train
+
+
+def final_eval(tmp_path, name, *overrides):
+    cfg = load_config(overrides=[f"train.output_dir={tmp_path / name}", "train.eval_every=0", *overrides])
+    rows = read_metrics(train(cfg))
+    import json
+
+    return json.loads((tmp_path / name / "report" / "eval.json").read_text())["metrics"], rows
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ["experts.mode=lora"],
+        ["experts.mode=lora", "gate.type=user"],
+        ["experts.mode=heads"],
+    ],
+    ids=["lora", "lora-user-gate", "heads"],
+)
+def test_user_scope_recovers_types_and_beats_single_dpo(tmp_path, setting):
+    mixture, _ = final_eval(tmp_path, "k2", *setting)
+    single, _ = final_eval(tmp_path, "k1", *setting, "experts.num_experts=1")
+    print(setting, mixture["eval/ari"], mixture["eval/rewards/accuracies"], single["eval/rewards/accuracies"])
+    assert mixture["eval/ari"] >= 0.8
+    assert mixture["eval/rewards/accuracies"] >= single["eval/rewards/accuracies"] + 0.10
+
+
+def test_domain_reveals_type_with_input_dependent_gate(tmp_path):
+    domain = [
+        "data.source=builtin:domain",
+        "em.scope=pair",
+        "gate.type=mlp",
+        "train.max_steps=300",
+        "train.batch_size=32",
+    ]
+    mixture, _ = final_eval(tmp_path, "k2", *domain)
+    single, _ = final_eval(tmp_path, "k1", *domain, "experts.num_experts=1")
+    print(mixture["eval/ari"], mixture["eval/rewards/accuracies"], single["eval/rewards/accuracies"])
+    assert mixture["eval/ari"] >= 0.8  # the gate routes each domain to its own expert
+    assert mixture["eval/rewards/accuracies"] >= single["eval/rewards/accuracies"] + 0.10

@@ -1,0 +1,164 @@
+"""moedpo.train and the CLI: run-directory contract, bad data, resume after SIGKILL, PEFT-loadable experts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moedpo.cli import main
+from moedpo.config import ConfigError, load_config
+from moedpo.runs import read_metrics
+from moedpo.train import train
+
+SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=12"]
+
+
+def config(tmp_path, *overrides, name="run"):
+    return load_config(overrides=[f"train.output_dir={tmp_path / name}", *SMALL, *overrides])
+
+
+def test_run_directory_contract(tmp_path):
+    run = train(config(tmp_path, "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2"))
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "gate.safetensors",
+        "users.json",
+        "report/eval.json",
+        "experts/expert_0/adapter_config.json",
+        "experts/expert_1/adapter_model.safetensors",
+        "checkpoint/optimizer.pt",
+        "checkpoint/params.safetensors",
+        "checkpoint/state.json",
+    ):
+        assert (run / name).exists(), name
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in (
+        "loss",
+        "em/elbo",
+        "em/marginal_nll",
+        "em/responsibility_entropy",
+        "gate/usage_1",
+        "expert_1/rewards/chosen",
+        "expert_0/rewards/margins",
+        "expert_0/rewards/accuracies",
+        "rewards/accuracies",
+        "learning_rate",
+        "grad_norm",
+    ):
+        assert key in rows[-1], key
+    assert "eval/ari" in rows[2] and "eval/expert_1/accuracies" in rows[5]
+    assert load_config(run / "config.yaml").train.max_steps == 6  # the resolved config reloads
+
+
+def test_malformed_row_stops_with_file_row_field_and_leaves_nothing(tmp_path, capsys):
+    data = tmp_path / "prefs.jsonl"
+    good = {"prompt": "describe the garden :", "chosen": " sunny day", "rejected": " dark day"}
+    data.write_text("\n".join(json.dumps(r) for r in [good, good, {**good, "rejected": ""}, good]) + "\n")
+    run_dir = tmp_path / "run"
+    code = main(["train", f"data.source={data}", f"train.output_dir={run_dir}", "train.max_steps=2", "em.scope=pair"])
+    assert code == 2
+    assert f"{data}: row 2: field 'rejected': empty completion" in capsys.readouterr().err
+    assert not run_dir.exists()
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("earlier work")
+    assert main(["train", f"data.source={data}", f"train.output_dir={run_dir}", "train.overwrite=true"]) == 2
+    assert [p.name for p in run_dir.iterdir()] == ["keep.txt"]
+
+
+def test_unknown_config_key_is_rejected_with_the_accepted_ones(capsys):
+    assert main(["train", "experts.num_expert=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'experts.num_expert'" in err and "num_experts" in err
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(overrides=["train.max_steps=many"])
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(tmp_path):
+    train(config(tmp_path, "train.max_steps=1"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config(tmp_path, "train.max_steps=1"))
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = ["train.max_steps=30", "train.checkpoint_every=3", "train.eval_every=0"]
+    reference = train(config(tmp_path, *steps, name="uninterrupted"))
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "moedpo.cli", "train", f"train.output_dir={killed}", *SMALL, *steps]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 9:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped = json.loads(state.read_text())["step"]
+    assert 9 <= stopped < 30, f"the run was not killed mid-way (checkpoint at step {stopped})"
+    resumed = train(load_config(overrides=[f"train.output_dir={killed}", *SMALL, *steps]), resume=True)
+    expected, got = (
+        load_file(reference / "checkpoint/params.safetensors"),
+        load_file(resumed / "checkpoint/params.safetensors"),
+    )
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert torch.equal(
+        load_file(reference / "gate.safetensors")["logits"], load_file(resumed / "gate.safetensors")["logits"]
+    )
+    assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 31))
+
+
+def test_saved_experts_load_in_plain_peft_and_reproduce_logged_logps(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from moedpo.builders import build_base, prepare_data
+    from moedpo.data.tokenize import collate
+    from moedpo.experts import sequence_logps
+
+    cfg = config(tmp_path, "train.max_steps=5")
+    run = train(cfg)
+    report = json.loads((run / "report/eval.json").read_text())["examples"][:4]
+    tokenizer, _ = build_base(cfg)
+    held_out = {e["index"]: e for e in prepare_data(cfg, tokenizer).eval}
+    batch = collate([held_out[r["index"]] for r in report], tokenizer.pad_token_id)
+    for k in range(2):
+        base = AutoModelForCausalLM.from_pretrained(run / "base")  # no moedpo involved from here on
+        model = PeftModel.from_pretrained(base, run / "experts" / f"expert_{k}")
+        with torch.no_grad():
+            chosen = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        logged = torch.tensor([r["expert_chosen_logps"][k] for r in report])
+        assert torch.allclose(chosen.chunk(2)[0], logged, atol=1e-4)
+
+
+def test_eval_and_generate_commands(tmp_path, capsys):
+    run = train(config(tmp_path, "train.max_steps=3"))
+    assert main(["eval", str(run)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0.0 <= metrics["eval/rewards/accuracies"] <= 1.0 and "eval/ari" in metrics
+    assert (
+        main(
+            [
+                "generate",
+                str(run),
+                "--prompt",
+                "describe the garden :",
+                "--user",
+                "annotator_000",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("[expert ")
