@@ -85,8 +85,8 @@ def _prepare_run_dir(config: Config, resume: bool) -> Path:
 def _step_metrics(stash: list[dict], beta: float, loop_metrics: dict, gate_w: torch.Tensor) -> dict:
     """TRL-style per-expert reward metrics and the mixture's predictive accuracy for the last batch."""
     out = {k: v for k, v in loop_metrics.items()}
-    chosen = torch.cat([s["chosen_logps"] - _ref(s["ref_chosen_logps"]) for s in stash])  # (B, K)
-    rejected = torch.cat([s["rejected_logps"] - _ref(s["ref_rejected_logps"]) for s in stash])
+    chosen = torch.cat([(s["chosen_logps"] - _ref(s["ref_chosen_logps"])).cpu() for s in stash])  # (B, K)
+    rejected = torch.cat([(s["rejected_logps"] - _ref(s["ref_rejected_logps"])).cpu() for s in stash])
     h = chosen - rejected
     for k in range(h.shape[1]):
         out[f"expert_{k}/rewards/chosen"] = float(beta * chosen[:, k].mean())
