@@ -36,10 +36,23 @@ def trl_step_time(model, tokenizer, rows, args):
     import trl
     from datasets import Dataset
 
-    config = trl.DPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, beta=0.5, bf16=False, report_to=[],
-                           per_device_train_batch_size=args.batch, max_length=64, loss_type=["sigmoid"])
-    trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=config,
-                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    config = trl.DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        beta=0.5,
+        bf16=False,
+        report_to=[],
+        per_device_train_batch_size=args.batch,
+        max_length=64,
+        loss_type=["sigmoid"],
+    )
+    trainer = trl.DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we call training_step directly

@@ -98,8 +98,8 @@ class RunSession:
     @torch.no_grad()
     def generate(self, prompt: str, expert: int, max_new_tokens: int = 32) -> str:
         model = self.bank.experts[expert] if hasattr(self.bank, "experts") else self.bank.model
-        if hasattr(self.bank, "names"):
-            self.bank.model.set_adapter(self.bank.names[expert])
+        if hasattr(self.bank, "activate"):
+            self.bank.activate(expert)
         inputs = self.tokenizer(prompt, return_tensors="pt").to(self.bank.device)
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id

@@ -197,10 +197,14 @@ class LoRABank(ExpertBank):
             self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kwargs
         )
 
-    def expert_logps(self, k: int, batch: dict) -> torch.Tensor:
+    def activate(self, k: int) -> None:
+        """Route the model through expert k's adapter."""
         self.model.set_adapter(self.names[k])
         for param in self._trainable.values():  # set_adapter freezes the others; they stay in the optimizer
             param.requires_grad_(True)
+
+    def expert_logps(self, k: int, batch: dict) -> torch.Tensor:
+        self.activate(k)
         return self._logps(batch)
 
     def reference_pass(self, batch):

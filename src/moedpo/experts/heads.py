@@ -93,9 +93,7 @@ class HeadsBank(LoRABank):
             )
 
     def expert_logps(self, k: int, batch: dict) -> torch.Tensor:
-        self.model.set_adapter(self.names[k])
-        for param in self._trainable.values():
-            param.requires_grad_(True)
+        self.activate(k)
         return self._top_logps(batch)
 
     @torch.no_grad()

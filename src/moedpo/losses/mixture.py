@@ -16,18 +16,21 @@ from torch.special import xlogy
 from moedpo.losses.dpo import log_likelihood
 
 
+def _log_joint(h, gate_logits, beta, label_smoothing) -> torch.Tensor:
+    """log w_k + log P(y+ > y- | z = k): (B, K)."""
+    return torch.log_softmax(gate_logits, -1) + log_likelihood(h, beta, label_smoothing)
+
+
 def mixture_nll(h: torch.Tensor, gate_logits: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """-log sum_k softmax(g)_k sigmoid(beta h_k): h, gate_logits (B, K) -> (B,)."""
-    joint = torch.log_softmax(gate_logits, -1) + log_likelihood(h, beta, label_smoothing)  # (B, K)
-    return -torch.logsumexp(joint, -1)
+    return -torch.logsumexp(_log_joint(h, gate_logits, beta, label_smoothing), -1)
 
 
 def responsibilities(
     h: torch.Tensor, gate_logits: torch.Tensor, beta: float, label_smoothing: float = 0.0
 ) -> torch.Tensor:
     """Exact posterior q_k ∝ w_k sigmoid(beta h_k): (B, K) -> (B, K), rows on the simplex."""
-    joint = torch.log_softmax(gate_logits, -1) + log_likelihood(h, beta, label_smoothing)
-    return torch.softmax(joint, -1)
+    return torch.softmax(_log_joint(h, gate_logits, beta, label_smoothing), -1)
 
 
 def weighted_dpo_loss(h: torch.Tensor, weights: torch.Tensor, beta: float) -> torch.Tensor:
@@ -73,6 +76,12 @@ def component_log_likelihood(
     return out.index_add(0, user_index, loglik)
 
 
+def _user_log_joint(h, gate_logits, beta, user_index, label_smoothing) -> torch.Tensor:
+    """log w_uk + sum_{i in u} log P(y_i | z_u = k): (U, K)."""
+    loglik = component_log_likelihood(h, beta, user_index, gate_logits.shape[0], label_smoothing)
+    return torch.log_softmax(gate_logits, -1) + loglik
+
+
 def user_mixture_nll(
     h: torch.Tensor,
     gate_logits: torch.Tensor,
@@ -81,8 +90,7 @@ def user_mixture_nll(
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """User-scope -log sum_k w_uk prod_{i in u} sigmoid(beta h_ik): h (B, K), gate_logits (U, K) -> (U,)."""
-    loglik = component_log_likelihood(h, beta, user_index, gate_logits.shape[0], label_smoothing)  # (U, K)
-    return -torch.logsumexp(torch.log_softmax(gate_logits, -1) + loglik, -1)
+    return -torch.logsumexp(_user_log_joint(h, gate_logits, beta, user_index, label_smoothing), -1)
 
 
 def user_responsibilities(
@@ -93,5 +101,4 @@ def user_responsibilities(
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Exact posterior over each user's type: h (B, K), gate_logits (U, K) -> (U, K)."""
-    loglik = component_log_likelihood(h, beta, user_index, gate_logits.shape[0], label_smoothing)
-    return torch.softmax(torch.log_softmax(gate_logits, -1) + loglik, -1)
+    return torch.softmax(_user_log_joint(h, gate_logits, beta, user_index, label_smoothing), -1)
