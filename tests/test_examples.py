@@ -25,3 +25,9 @@ def test_planted_experts_shrink(capsys):
     assert run_example("planted_experts.py", "--shrink") == 0
     out = capsys.readouterr().out
     assert "annotator-type ARI" in out and "[FAIL]" not in out
+
+
+@pytest.mark.slow
+def test_planted_experts_full(capsys):
+    assert run_example("planted_experts.py") == 0
+    assert "[FAIL]" not in capsys.readouterr().out

@@ -27,8 +27,9 @@ def final_eval(tmp_path, name, *overrides):
         ["experts.mode=lora"],
         ["experts.mode=lora", "gate.type=user"],
         ["experts.mode=heads"],
+        ["em.schedule=gumbel", "gate.type=user"],  # sparse top-1 updates; learnable gate under clipping
     ],
-    ids=["lora", "lora-user-gate", "heads"],
+    ids=["lora", "lora-user-gate", "heads", "gumbel-user-gate"],
 )
 def test_user_scope_recovers_types_and_beats_single_dpo(tmp_path, setting):
     mixture, _ = final_eval(tmp_path, "k2", *setting)

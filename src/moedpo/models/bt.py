@@ -15,6 +15,7 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.ops.indexing import Vindex
 
 from moedpo.losses.dpo import bernoulli_logits
@@ -82,26 +83,35 @@ def user_bt_model(
 user_bt_model.max_plate_nesting = 2
 
 
-def relaxed_bt_model(h, gate_logits, beta, obs=None, *, temperature, user_index=None, label_smoothing=0.0, **_):
-    """The Monte Carlo route: z is a (straight-through) Gumbel-Softmax one-hot, scored under the relaxed prior.
+def relaxed_bt_model(
+    h, gate_logits, beta, obs=None, *, temperature, user_index=None, label_smoothing=0.0, discrete_prior=True, **_
+):
+    """The Monte Carlo route: z is a (straight-through) Gumbel-Softmax one-hot.
 
     With a hard one-hot z the likelihood is exactly sigmoid(beta h_z); gradients reach the chosen expert
     only (sparse MoE-DPO). Pair scope when ``user_index`` is None, else one z per user (gate_logits (U, K)).
+    ``discrete_prior`` scores z's prior as log w_argmax(z) (a cross-entropy, bounded like the EM M-step) rather
+    than with the Concrete density, whose gradient in the gate grows as the temperature falls and, under global
+    gradient clipping, starves the experts.
     """
     temperature = torch.as_tensor(temperature, dtype=h.dtype, device=h.device)
     prior = dist.RelaxedOneHotCategoricalStraightThrough(temperature, logits=gate_logits)
-    num_pairs = h.shape[0]
-    if user_index is None:
-        with pyro.plate("pairs", num_pairs):
-            z = pyro.sample("z", prior)  # (B, K) one-hot forward, relaxed backward
-            logits = bernoulli_logits((z * h).sum(-1), beta, label_smoothing)
-            pyro.sample("y", dist.Bernoulli(logits=logits), obs=obs)
-        return
-    with pyro.plate("users", gate_logits.shape[0]):
-        z = pyro.sample("z", prior)  # (U, K)
-    with pyro.plate("pairs", num_pairs):
-        logits = bernoulli_logits((z[user_index] * h).sum(-1), beta, label_smoothing)
-        pyro.sample("y", dist.Bernoulli(logits=logits), obs=obs)
+    units = pyro.plate("pairs", h.shape[0]) if user_index is None else pyro.plate("users", gate_logits.shape[0])
+    with units:
+        with poutine.mask(mask=not discrete_prior):
+            z = pyro.sample("z", prior)  # (B | U, K) one-hot forward, relaxed backward
+        if discrete_prior:
+            pyro.factor("z_prior", dist.Categorical(logits=gate_logits).log_prob(z.argmax(-1)))
+        if user_index is None:  # pair scope: the labels sit in the same plate
+            _relaxed_labels(z, h, beta, obs, label_smoothing)
+            return
+    with pyro.plate("pairs", h.shape[0]):
+        _relaxed_labels(z[user_index], h, beta, obs, label_smoothing)
+
+
+def _relaxed_labels(z, h, beta, obs, label_smoothing):
+    logits = bernoulli_logits((z * h).sum(-1), beta, label_smoothing)  # (B,): h of the one-hot z's expert
+    pyro.sample("y", dist.Bernoulli(logits=logits), obs=obs)
 
 
 relaxed_bt_model.max_plate_nesting = 1
