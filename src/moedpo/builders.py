@@ -14,6 +14,7 @@ import torch
 
 from moedpo.config import Config
 from moedpo.data.builtin import make_builtin_rows, tiny_causal_lm, train_tokenizer
+from moedpo.data.encoder import encode_prompts, load_encoder
 from moedpo.data.formats import normalise_row
 from moedpo.data.loading import load_preference_rows
 from moedpo.data.tokenize import tokenize_rows
@@ -107,8 +108,24 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
         train.sort(key=lambda e: e["index"])
         evaluation.sort(key=lambda e: e["index"])
         users, truncated = tokenized.user_ids, tokenized.num_truncated
+    if config.gate.encoder:
+        attach_encoder_features(config.gate.encoder, train + evaluation)
     dims = {len(e["user_features"]) for e in train if e["user_features"] is not None}
     return PreparedData(train, evaluation, users, truncated, dims.pop() if len(dims) == 1 else 0)
+
+
+def attach_encoder_features(encoder_name: str, examples: list[dict]) -> int:
+    """Store each example's sentence-encoder prompt embedding under "prompt_features"; returns its width."""
+    features = encode_prompts(load_encoder(encoder_name), [e["prompt_text"] for e in examples])
+    for e, row in zip(examples, features):
+        e["prompt_features"] = row
+    return features.shape[1]
+
+
+def gate_feature_dim(config: Config, base, data: PreparedData) -> int:
+    if config.gate.encoder and data.train:
+        return int(data.train[0]["prompt_features"].shape[0])
+    return base.config.hidden_size
 
 
 def build_bank(config: Config, model, device: torch.device):
@@ -147,6 +164,8 @@ def build_gate(config: Config, feature_dim: int, num_users: int, user_feature_di
 def gate_logits(config: Config, gate, batch: dict, features: torch.Tensor):
     """Gate logits for a batch: (B, K) in pair scope; (U, K) and local user_index (B,) in user scope."""
     device = features.device
+    if "prompt_features" in batch:  # a configured sentence encoder replaces the base's pooled features
+        features = batch["prompt_features"].to(device)
     if config.em.scope == "pair":
         if config.gate.type == "fixed":
             return gate(features.shape[0]).to(device), None

@@ -55,6 +55,7 @@ class GateConfig:
     closed_form: bool = True  # fixed gate: w = running mean of the responsibilities
     momentum: float = 0.9
     hidden: int = 64
+    encoder: str | None = None  # prompt features from a sentence encoder (name/folder) instead of the base
     user_features: bool = False  # user gate: also read the user_features column
     routing: str = "dense"  # dense | top1 (generation and sparse evaluation use the top expert)
 

@@ -9,7 +9,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from moedpo.builders import build_bank, build_base, build_gate, gate_logits, prepare_data, resolve_device
+from moedpo.builders import (
+    attach_encoder_features,
+    build_bank,
+    build_base,
+    build_gate,
+    gate_feature_dim,
+    gate_logits,
+    prepare_data,
+    resolve_device,
+)
 from moedpo.config import load_config
 from moedpo.data.loading import load_preference_rows
 from moedpo.data.tokenize import collate, tokenize_rows
@@ -32,9 +41,8 @@ class RunSession:
         device = resolve_device(self.config.train.device)
         self.bank = build_bank(self.config, base, device)
         self.data = prepare_data(self.config, self.tokenizer)
-        self.gate = build_gate(self.config, base.config.hidden_size, len(self.user_ids), self.data.user_feature_dim).to(
-            device
-        )
+        feature_dim = gate_feature_dim(self.config, base, self.data)
+        self.gate = build_gate(self.config, feature_dim, len(self.user_ids), self.data.user_feature_dim).to(device)
         checkpoint = find_checkpoint(self.run_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"{self.run_dir}: no complete checkpoint")
@@ -84,7 +92,10 @@ class RunSession:
             "user": user_index or 0,
             "group": None,
             "user_features": None,
+            "prompt_text": prompt,
         }
+        if self.config.gate.encoder:
+            attach_encoder_features(self.config.gate.encoder, [example])
         batch = self.bank.to_device(collate([example], self.tokenizer.pad_token_id))
         _, _, features = self.bank.reference({**batch, "index": torch.tensor([-1])})
         self.bank._ref_cache.pop(-1, None), self.bank._feature_cache.pop(-1, None)

@@ -18,7 +18,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from moedpo.builders import build_bank, build_base, build_gate, gate_logits, prepare_data, resolve_device
+from moedpo.builders import (
+    build_bank,
+    build_base,
+    build_gate,
+    gate_feature_dim,
+    gate_logits,
+    prepare_data,
+    resolve_device,
+)
 from moedpo.config import Config, save_config
 from moedpo.data.tokenize import collate
 from moedpo.eval.evaluate import evaluate
@@ -153,7 +161,8 @@ def train(config: Config, resume: bool = False) -> Path:
     _write_run_header(config, run_dir, tokenizer, base, data)
 
     bank = build_bank(config, base, resolve_device(t.device))
-    gate = build_gate(config, base.config.hidden_size, len(data.user_ids), data.user_feature_dim).to(bank.device)
+    gate = build_gate(config, gate_feature_dim(config, base, data), len(data.user_ids), data.user_feature_dim)
+    gate = gate.to(bank.device)
     params = dict(bank.trainable_parameters())
     params.update({f"gate.{n}": p for n, p in gate.named_parameters() if p.requires_grad})
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)

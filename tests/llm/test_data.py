@@ -107,3 +107,11 @@ def test_conversational_rows_use_the_chat_template(tokenizer):
     example = tokenize_rows([normalise_row(conv, "f", 0)], tokenizer).examples[0]
     assert tokenizer.decode(example["prompt_chosen_ids"]) == "user : describe the garden </s> assistant :"
     assert tokenizer.decode(example["chosen_ids"]) == "sunny day </s>"
+
+
+def test_datasets_folder_loads_through_load_dataset(tmp_path):
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(GOOD) + "\n" for _ in range(3)))
+    rows = load_preference_rows(str(folder), split="train")
+    assert len(rows) == 3 and rows[0].user_id == "a1"

@@ -48,9 +48,9 @@ def _read_records(path: Path) -> list:
 
 
 def load_preference_rows(source: str, split: str = "train") -> list[PreferenceRow]:
-    """Rows from a local file, or from ``datasets.load_dataset(source, split=split)`` when no such file exists."""
+    """Rows from a local file, or from ``datasets.load_dataset(source, split=split)`` for a folder or a hub name."""
     path = Path(source)
-    if path.exists():
+    if path.is_file():
         records = _read_records(path)
         name = str(path)
     elif path.suffix.lower() in SUFFIXES:

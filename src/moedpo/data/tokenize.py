@@ -28,7 +28,7 @@ def _ids(tokenizer, text) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _render(tokenizer, row: PreferenceRow) -> tuple[list[int], list[int], list[int]]:
+def _render(tokenizer, row: PreferenceRow) -> tuple[str, list[int], list[int], list[int]]:
     if row.conversational:
         prompt = tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=False)
         full_chosen = tokenizer.apply_chat_template(row.prompt + row.chosen, tokenize=False)
@@ -45,7 +45,7 @@ def _render(tokenizer, row: PreferenceRow) -> tuple[list[int], list[int], list[i
     if eos is not None:  # like TRL: end every completion with EOS, once
         chosen_ids = chosen_ids if chosen_ids[-1:] == [eos] else chosen_ids + [eos]
         rejected_ids = rejected_ids if rejected_ids[-1:] == [eos] else rejected_ids + [eos]
-    return prompt_ids, chosen_ids, rejected_ids
+    return prompt, prompt_ids, chosen_ids, rejected_ids
 
 
 def _truncate(prompt, completion, max_length, max_prompt_length, mode):
@@ -79,7 +79,7 @@ def tokenize_rows(
     lookup = {u: i for i, u in enumerate(users)}
     examples, truncated_rows = [], 0
     for i, row in enumerate(rows):
-        prompt_ids, chosen_ids, rejected_ids = _render(tokenizer, row)
+        prompt_text, prompt_ids, chosen_ids, rejected_ids = _render(tokenizer, row)
         p_c, chosen_ids, t_c = _truncate(prompt_ids, chosen_ids, max_length, max_prompt_length, truncation_mode)
         p_r, rejected_ids, t_r = _truncate(prompt_ids, rejected_ids, max_length, max_prompt_length, truncation_mode)
         if not chosen_ids or not rejected_ids:
@@ -93,6 +93,7 @@ def tokenize_rows(
         examples.append(
             {
                 "index": i,
+                "prompt_text": prompt_text,
                 "prompt_chosen_ids": p_c,
                 "prompt_rejected_ids": p_r,
                 "chosen_ids": chosen_ids,
@@ -128,4 +129,6 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
     }
     if all(e["user_features"] is not None for e in examples):
         batch["user_features"] = torch.tensor([e["user_features"] for e in examples], dtype=torch.float32)
+    if all("prompt_features" in e for e in examples):  # sentence-encoder features for the gate
+        batch["prompt_features"] = torch.stack([e["prompt_features"] for e in examples])
     return batch
