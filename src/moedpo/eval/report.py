@@ -33,17 +33,34 @@ def _plot(path: Path, metrics_path: Path) -> None:
     except ImportError:
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     steps = [r["step"] for r in rows]
-    axes[0].plot(steps, [r["loss"] for r in rows], label="loss")
-    axes[0].plot(steps, [r["em/marginal_nll"] for r in rows], label="em/marginal_nll", alpha=0.7)
-    axes[0].set_xlabel("step")
-    axes[0].legend()
-    for key in sorted({k for r in rows for k in r if k.endswith("accuracies")}):
+    loss = [r["loss"] for r in rows]
+    axes[0].plot(steps, loss, color="tab:blue", alpha=0.25, label="loss (per step)")
+    axes[0].plot(steps, _ema(loss), color="tab:blue", label="loss (EMA 0.9)")
+    axes[0].set_title("training loss (mean per pair)")
+    held_out = sorted({k for r in rows for k in r if k.startswith("eval/") and ("accuracies" in k or k == "eval/ari")})
+    for key in held_out:
         points = [(r["step"], r[key]) for r in rows if key in r]
-        axes[1].plot(*zip(*points), label=key, marker="o" if key.startswith("eval/") else None, markersize=3)
-    axes[1].set_xlabel("step")
-    axes[1].legend(fontsize=6)
+        axes[1].plot(*zip(*points), marker="o", markersize=3, label=key.removeprefix("eval/"))
+    axes[1].set_title("held-out pairs")
+    axes[1].set_ylim(0, 1.05)
+    usage = sorted(k for k in rows[-1] if k.startswith("em/expert_usage_"))
+    for key in usage:
+        axes[2].plot(steps, _ema([r[key] for r in rows]), label=key.removeprefix("em/"))
+    axes[2].set_title("posterior mass per expert (EMA)")
+    axes[2].set_ylim(0, 1)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _ema(values, decay=0.9):
+    out, current = [], values[0]
+    for v in values:
+        current = decay * current + (1 - decay) * v
+        out.append(current)
+    return out

@@ -11,13 +11,20 @@ import inspect
 import torch
 
 
-def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[labels] per position: (N, T, V), (N, T) -> (N, T) float32, one row at a time."""
+def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
+    """log softmax(logits)[labels] per position: (N, T, V), (N, T) -> (N, T), at least float32.
+
+    float32/float64 logits are used in place (gather minus logsumexp: no (N, T, V) copy). Half-precision logits
+    are upcast ``chunk_rows`` sequences at a time, so a float32 copy of the whole tensor never exists.
+    """
+    if logits.element_size() >= 4:
+        return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
     rows = []
-    for row_logits, row_labels in zip(logits, labels):  # (T, V): a float32 copy of one row at most
-        row = row_logits.float() if row_logits.element_size() < 4 else row_logits
-        rows.append(row.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, -1))
-    return torch.stack(rows)
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[start : start + chunk_rows].float()  # (chunk_rows, T, V) float32 at most
+        picked = chunk.gather(-1, labels[start : start + chunk_rows].unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(chunk, -1))
+    return torch.cat(rows)
 
 
 def _accepts_logits_to_keep(model) -> bool:
