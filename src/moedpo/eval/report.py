@@ -50,9 +50,12 @@ def _plot(path: Path, metrics_path: Path) -> None:
         axes[2].plot(steps, _ema([r[key] for r in rows]), label=key.removeprefix("em/"))
     axes[2].set_title("posterior mass per expert (EMA)")
     axes[2].set_ylim(0, 1)
+    if not held_out:
+        axes[1].text(0.5, 0.5, "no periodic evaluation\n(train.eval_every=0)", ha="center", transform=axes[1].transAxes)
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
