@@ -18,7 +18,12 @@ def test_k1_matches_trl_dpo_trainer(tokenizer, tiny_model, tmp_path):
     from datasets import Dataset
 
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in make_builtin_rows(2, 4, seed=1)]
-    ours_model = copy.deepcopy(tiny_model)
+    reference = copy.deepcopy(tiny_model)
+    policy = copy.deepcopy(tiny_model)  # move the policy off the reference so the margins are not zero
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(5)
+        for param in policy.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
     args = trl.DPOConfig(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -31,8 +36,8 @@ def test_k1_matches_trl_dpo_trainer(tokenizer, tiny_model, tmp_path):
         bf16=False,
     )  # TRL 1.16 defaults to bf16 autocast, even on CPU; compare in float32
     trainer = trl.DPOTrainer(
-        model=tiny_model,
-        ref_model=copy.deepcopy(tiny_model),
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -43,7 +48,8 @@ def test_k1_matches_trl_dpo_trainer(tokenizer, tiny_model, tmp_path):
     trl_loss.backward()
     trl_grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
-    bank = IndependentBank(ours_model, 1)
+    bank = IndependentBank(reference, 1)
+    bank.experts[0].load_state_dict(policy.state_dict())
     gate = FixedGate(1, learnable=False)
     ours_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
     ours_batch["index"] = torch.arange(batch["input_ids"].shape[0] // 2)
@@ -56,8 +62,10 @@ def test_k1_matches_trl_dpo_trainer(tokenizer, tiny_model, tmp_path):
     loop = VariationalEM(forward, torch.optim.SGD(params, lr=0.0), beta=0.5)
     loop.optimizer.zero_grad()
     loop.backward(ours_batch)
+    assert abs(trl_loss.item() - 0.6931) > 1e-2  # h != 0: the comparison is not at the trivial point
     assert abs(loop.metrics["loss"] - trl_loss.item()) <= 1e-5
     ours = dict(bank.experts[0].named_parameters())
     worst = max((ours[n].grad - g).abs().max().item() for n, g in trl_grads.items())
+    print(f"TRL loss {trl_loss.item():.7f}, ours {loop.metrics['loss']:.7f}, max gradient difference {worst:.3g}")
     assert worst <= 1e-5, f"max gradient difference {worst:.3g}"
     assert any(g.abs().max() > 1e-4 for g in trl_grads.values())  # gradients are not trivially zero
