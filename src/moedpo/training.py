@@ -27,7 +27,7 @@ from moedpo.builders import (
     prepare_data,
     resolve_device,
 )
-from moedpo.config import Config, save_config
+from moedpo.config import Config, load_config, save_config
 from moedpo.data.tokenize import collate
 from moedpo.eval.evaluate import evaluate
 from moedpo.inference import VariationalEM
@@ -150,8 +150,16 @@ def _em_loop(config: Config, bank, gate, optimizer, scheduler, stash: list) -> V
     )
 
 
-def train(config: Config, resume: bool = False) -> Path:
-    """Train and return the run directory. Bad data fails before the run directory is touched."""
+def train(config: Config | str | Path | None = None, resume: bool = False, **overrides) -> Path:
+    """Train and return the run directory. Bad data fails before the run directory is touched.
+
+    ``config``: a :class:`~moedpo.config.Config`, a YAML path, or None for the built-in default; keyword
+    ``overrides`` use ``section__key=value`` (``moedpo.train(experts__num_experts=3)``).
+    """
+    if not isinstance(config, Config):
+        config = load_config(config, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
+    elif overrides:
+        raise ValueError("pass overrides with a config path or None, or edit the Config object")
     t = config.train
     torch.manual_seed(t.seed)
     random.seed(t.seed)
