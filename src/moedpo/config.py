@@ -57,7 +57,6 @@ class GateConfig:
     hidden: int = 64
     encoder: str | None = None  # prompt features from a sentence encoder (name/folder) instead of the base
     user_features: bool = False  # user gate: also read the user_features column
-    routing: str = "dense"  # dense | top1 (generation and sparse evaluation use the top expert)
 
 
 @dataclass
@@ -186,7 +185,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 CHOICES = {
     ("experts", "mode"): ("lora", "heads", "independent"),
     ("gate", "type"): ("fixed", "mlp", "user"),
-    ("gate", "routing"): ("dense", "top1"),
     ("em", "schedule"): ("em", "svi", "gumbel"),
     ("em", "scope"): ("user", "pair"),
     ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
