@@ -27,7 +27,12 @@ def bank_margins(bank, examples: list[dict], pad_token_id: int, batch_size: int 
 
 
 def _gate_for(config, gate, examples, features):
-    batch = collate(examples, pad_token_id=0) if examples else {}
+    """Gate logits for many examples: only the fields a gate reads, not a padded token batch."""
+    batch = {"user": torch.tensor([e["user"] for e in examples], dtype=torch.long)}
+    if all(e["user_features"] is not None for e in examples):
+        batch["user_features"] = torch.tensor([e["user_features"] for e in examples], dtype=torch.float32)
+    if all("prompt_features" in e for e in examples):
+        batch["prompt_features"] = torch.stack([e["prompt_features"] for e in examples])
     return gate_logits(config, gate, batch, features)
 
 
