@@ -25,10 +25,10 @@ from moedpo.builders import (
     gate_feature_dim,
     gate_logits,
     prepare_data,
-    resolve_device,
 )
-from moedpo.config import Config, load_config, save_config
+from moedpo.config import Config, ConfigError, load_config, save_config
 from moedpo.data.tokenize import collate
+from moedpo.distributed import DataParallel
 from moedpo.eval.evaluate import evaluate
 from moedpo.inference import VariationalEM
 from moedpo.models import mixture_bt_model, user_bt_model
@@ -49,11 +49,12 @@ class BatchPlan:
         self.per_batch, self.seed = max(1, min(per_batch, len(self.units))), seed
         self.per_epoch = math.ceil(len(self.units) / self.per_batch)
 
-    def __call__(self, index: int) -> list[dict]:
+    def __call__(self, index: int, shard=lambda units: units) -> list[dict]:
+        """The examples of global batch ``index`` (``shard`` keeps this process's units of it)."""
         epoch, position = divmod(index, self.per_epoch)
         order = list(range(len(self.units)))
         random.Random(self.seed * 100_003 + epoch).shuffle(order)
-        chosen = order[position * self.per_batch : (position + 1) * self.per_batch]
+        chosen = shard(order[position * self.per_batch : (position + 1) * self.per_batch])
         return [e for i in chosen for e in self.units[i]]
 
 
@@ -71,7 +72,13 @@ def _lr_lambda(kind: str, warmup: int, total: int):
     return factor
 
 
-def _prepare_run_dir(config: Config, resume: bool) -> Path:
+def _prepare_run_dir(config: Config, resume: bool, dp: DataParallel, tokenizer, base, data) -> Path:
+    """Rank 0 creates (or checks, for --resume) the run directory and writes its header; the others wait."""
+    if dp.enabled and "{time}" in config.train.output_dir:
+        raise ConfigError("with several processes, set train.output_dir explicitly (every rank must agree)")
+    if not dp.is_main:
+        dp.barrier()
+        return Path(config.train.output_dir)
     if "{time}" in config.train.output_dir:
         if resume:
             raise FileNotFoundError("--resume needs the run's own train.output_dir (see its config.yaml)")
@@ -87,6 +94,8 @@ def _prepare_run_dir(config: Config, resume: bool) -> Path:
     if resume and find_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    _write_run_header(config, run_dir, tokenizer, base, data)
+    dp.barrier()
     return run_dir
 
 
@@ -118,7 +127,7 @@ def _write_run_header(config: Config, run_dir: Path, tokenizer, base, data) -> N
         base.save_pretrained(run_dir / "base")
 
 
-def _em_loop(config: Config, bank, gate, optimizer, scheduler, stash: list) -> VariationalEM:
+def _em_loop(config: Config, bank, gate, optimizer, scheduler, stash: list, dp: DataParallel) -> VariationalEM:
     """The core's VariationalEM over the bank: forward gives margins without a graph and a push-backward."""
     em, user_scope = config.em, config.em.scope == "user"
 
@@ -147,6 +156,7 @@ def _em_loop(config: Config, bank, gate, optimizer, scheduler, stash: list) -> V
         usage_entropy=em.usage_entropy,
         clip_grad_norm=config.train.max_grad_norm,
         lr_scheduler=scheduler,
+        sync=dp if dp.enabled else None,
     )
 
 
@@ -160,15 +170,13 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         config = load_config(config, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
     elif overrides:
         raise ValueError("pass overrides with a config path or None, or edit the Config object")
-    t = config.train
+    t, dp = config.train, DataParallel()
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     tokenizer, base = build_base(config)
     data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
-    run_dir = _prepare_run_dir(config, resume)
-    _write_run_header(config, run_dir, tokenizer, base, data)
-
-    bank = build_bank(config, base, resolve_device(t.device))
+    run_dir = _prepare_run_dir(config, resume, dp, tokenizer, base, data)
+    bank = build_bank(config, base, dp.device(t.device))
     gate = build_gate(config, gate_feature_dim(config, base, data), len(data.user_ids), data.user_feature_dim)
     gate = gate.to(bank.device)
     params = dict(bank.trainable_parameters())
@@ -176,33 +184,46 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps))
     stash: list[dict] = []  # the bank's outputs for this step's micro-batches, for metrics
-    loop = _em_loop(config, bank, gate, optimizer, scheduler, stash)
+    loop = _em_loop(config, bank, gate, optimizer, scheduler, stash, dp)
     start = load_checkpoint(find_checkpoint(run_dir), params, gate, optimizer, scheduler) if resume else 0
     loop.num_steps = start
 
-    logger = MetricsLogger(run_dir, resume_step=start if resume else None)
+    logger = MetricsLogger(run_dir, resume_step=start if resume else None) if dp.is_main else None
     user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, tokenizer.pad_token_id
     plan = BatchPlan(data.train, user_scope, t.users_per_batch if user_scope else t.batch_size, t.seed)
-    progress = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="moedpo", disable=None)
+    if plan.per_batch < dp.world_size:
+        raise ConfigError(f"{dp.world_size} processes need at least that many pairs/annotators per batch")
+    steps = range(start, t.max_steps)
+    progress = tqdm(steps, initial=start, total=t.max_steps, desc="moedpo", disable=None if dp.is_main else True)
     for step in progress:
         stash.clear()
-        micro = [collate(plan(step * acc + i), pad) for i in range(acc)]
+        micro = [collate(plan(step * acc + i, dp.shard), pad) for i in range(acc)]
         loss = loop.step(*micro)
-        if (step + 1) % t.logging_every == 0 or step + 1 == t.max_steps:
-            with torch.no_grad():
-                w = torch.cat([_pair_weights(config, gate, b, s["features"]) for b, s in zip(micro, stash)])
-            metrics = _step_metrics(stash, config.em.beta, loop.metrics, w.cpu())
-            metrics.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) * acc / plan.per_epoch})
+        if logger is not None and ((step + 1) % t.logging_every == 0 or step + 1 == t.max_steps):
+            metrics = _log_step(config, loop, gate, scheduler, micro, stash, (step + 1) * acc / plan.per_epoch)
+            metrics["world_size"] = dp.world_size
             if t.eval_every and (step + 1) % t.eval_every == 0 and data.eval:
                 metrics.update(evaluate(config, bank, gate, data.train, data.eval, pad)[0])
             logger.log(step + 1, metrics)
             progress.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
+        if dp.is_main and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
             save_checkpoint(run_dir, step + 1, params, gate.state_dict(), optimizer, scheduler)
-    logger.close()
-    save_checkpoint(run_dir, t.max_steps, params, gate.state_dict(), optimizer, scheduler)
-    _save_artefacts(config, run_dir, bank, gate, data, pad)
+    if dp.is_main:
+        logger.close()
+        save_checkpoint(run_dir, t.max_steps, params, gate.state_dict(), optimizer, scheduler)
+        _save_artefacts(config, run_dir, bank, gate, data, pad)
+    dp.barrier()
+    dp.close()
     return run_dir
+
+
+def _log_step(config, loop, gate, scheduler, micro, stash, epoch) -> dict:
+    """This step's metrics: the loop's, per-expert rewards, the gate's predictive accuracy, learning rate."""
+    with torch.no_grad():
+        w = torch.cat([_pair_weights(config, gate, b, s["features"]) for b, s in zip(micro, stash)])
+    metrics = _step_metrics(stash, config.em.beta, loop.metrics, w.cpu())
+    metrics.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": epoch})
+    return metrics
 
 
 def _pair_weights(config, gate, batch, features):

@@ -66,6 +66,7 @@ class VariationalEM:
         label_smoothing: float = 0.0,
         clip_grad_norm: float | None = None,
         lr_scheduler=None,
+        sync=None,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
@@ -77,6 +78,7 @@ class VariationalEM:
         self.temperature = temperature
         self.load_balance, self.usage_entropy = load_balance, usage_entropy
         self.label_smoothing, self.clip_grad_norm, self.lr_scheduler = label_smoothing, clip_grad_norm, lr_scheduler
+        self.sync = sync  # moedpo.distributed.DataParallel: sums across processes (None: one process)
         self.num_steps = 0
         self.metrics: dict[str, float] = {}
 
@@ -154,9 +156,11 @@ class VariationalEM:
         return self.metrics["loss"]
 
     def apply_gradients(self) -> None:
-        """Clip, step the optimizer and the learning-rate schedule."""
+        """Average gradients over processes, clip, step the optimizer and the learning-rate schedule."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.sync is not None:
+            self.sync.average_gradients(params)
         if self.clip_grad_norm is not None:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
             self.metrics["grad_norm"] = float(grad_norm)
         self.optimizer.step()
@@ -168,7 +172,10 @@ class VariationalEM:
         if self.closed_form_gate is None:
             return
         with torch.no_grad():
-            target = q.mean(0, keepdim=True)
+            total, count = q.sum(0, keepdim=True), torch.tensor(float(q.shape[0]), device=q.device)
+            if self.sync is not None:  # the mean over every process's latent units
+                total, count = self.sync.sum(total), self.sync.sum(count)
+            target = total / count
             if self.gate_momentum:
                 old = torch.softmax(self.closed_form_gate.logits, -1)
                 target = self.gate_momentum * old + (1 - self.gate_momentum) * target
