@@ -14,6 +14,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from moedpo.builders import resolve_device
+
 
 class DataParallel:
     """World size, rank and the collectives the loop needs; a no-op in a single process."""
@@ -34,9 +36,10 @@ class DataParallel:
         return self.rank == 0
 
     def device(self, name: str) -> torch.device:
-        if name == "auto":
-            return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
-        return torch.device(name)
+        """``train.device``, with ``auto`` on CUDA meaning this process's own GPU."""
+        if name == "auto" and torch.cuda.is_available():
+            return torch.device(f"cuda:{self.local_rank}")
+        return resolve_device(name)
 
     def shard(self, units: list) -> list:
         """This process's share of one global batch's units."""

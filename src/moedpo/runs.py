@@ -84,8 +84,8 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler) -> int:
-    """Restore parameters, gate, optimizer, scheduler and RNG in place; returns the step."""
+def restore_parameters(path: Path, params: dict) -> None:
+    """Copy the checkpoint's trainable parameters into ``params`` (name -> tensor) in place."""
     saved = load_file(path / "params.safetensors")
     missing = set(params) - set(saved)
     if missing:
@@ -96,6 +96,11 @@ def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler) -> int
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name].to(param.device, param.dtype))
+
+
+def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler) -> int:
+    """Restore parameters, gate, optimizer, scheduler and RNG in place; returns the step."""
+    restore_parameters(path, params)
     gate.load_state_dict(load_file(path / "gate.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -24,7 +24,7 @@ from moedpo.data.loading import load_preference_rows
 from moedpo.data.tokenize import collate, tokenize_rows
 from moedpo.eval.evaluate import bank_margins, evaluate
 from moedpo.losses import user_responsibilities
-from moedpo.runs import find_checkpoint
+from moedpo.runs import find_checkpoint, restore_parameters
 
 
 class RunSession:
@@ -46,10 +46,7 @@ class RunSession:
         checkpoint = find_checkpoint(self.run_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"{self.run_dir}: no complete checkpoint")
-        params = load_file(checkpoint / "params.safetensors")
-        with torch.no_grad():
-            for name, param in self.bank.trainable_parameters().items():
-                param.copy_(params[name].to(param))
+        restore_parameters(checkpoint, self.bank.trainable_parameters())
         self.gate.load_state_dict(load_file(self.run_dir / "gate.safetensors"))
 
     def evaluate(self, data: str | None = None) -> dict:
@@ -97,9 +94,9 @@ class RunSession:
         if self.config.gate.encoder:
             attach_encoder_features(self.config.gate.encoder, [example])
         batch = self.bank.to_device(collate([example], self.tokenizer.pad_token_id))
-        _, _, features = self.bank.reference({**batch, "index": torch.tensor([-1])})
-        self.bank._ref_cache.pop(-1, None), self.bank._feature_cache.pop(-1, None)
-        logits, _ = gate_logits(self.config, self.gate, batch, features)
+        with self.bank.autocast():  # the base's pooled prompt features, without touching the per-example cache
+            _, features = self.bank.reference_pass(batch)
+        logits, _ = gate_logits(self.config, self.gate, batch, features[:1].float())
         if self.config.em.scope == "user" and user_index is not None:  # the annotator's posterior (E-step)
             own = [e for e in self.data.train if e["user"] == user_index]
             h = bank_margins(self.bank, own, self.tokenizer.pad_token_id)["h"]
