@@ -17,7 +17,8 @@ def test_explicit_implicit_and_conversational_rows():
     row = normalise_row(GOOD, "f", 0)
     assert (row.prompt, row.chosen, row.rejected, row.user_id) == (GOOD["prompt"], " sunny day", " dark day", "a1")
     implicit = normalise_row({"chosen": "tell the beach : warm sky", "rejected": "tell the beach : cold sky"}, "f", 1)
-    assert (implicit.prompt, implicit.chosen, implicit.rejected) == ("tell the beach : ", "warm sky", "cold sky")
+    # TRL's extract_prompt: the space before the first differing character goes with the completions
+    assert (implicit.prompt, implicit.chosen, implicit.rejected) == ("tell the beach :", " warm sky", " cold sky")
     conv = normalise_row(
         {
             "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "warm"}],
@@ -38,6 +39,12 @@ def test_explicit_implicit_and_conversational_rows():
         ({"prompt": 7, "chosen": "c", "rejected": "r"}, "prompt", "expected a string"),
         ({"prompt": "p", "chosen": "c", "rejected": "r", "user_features": "x"}, "user_features", "list of numbers"),
         ({"chosen": "abc", "rejected": "xyz"}, "prompt", "share no prefix"),
+        ({"prompt": "p", "chosen": " same", "rejected": " same"}, "rejected", "identical to 'chosen'"),
+        (
+            {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": " "}]},
+            "chosen",
+            "empty completion",
+        ),
     ],
 )
 def test_bad_rows_name_row_and_field(record, field, words):
@@ -81,21 +88,25 @@ def test_tokenize_matches_trl_layout_and_counts_truncation(tokenizer):
     out = tokenize_rows(rows, tokenizer, max_length=12)
     assert out.num_truncated == 1
     first = out.examples[0]
-    # prompt = BOS + 3 words + ":"; completion = words + EOS
-    assert first["prompt_chosen_ids"][0] == tokenizer.bos_token_id and len(first["prompt_chosen_ids"]) == 5
+    # prompt = 3 words + ":" (no BOS: this tokenizer's post-processor adds none, and TRL adds only that);
+    # completion = 2 words + EOS
+    assert len(first["prompt_chosen_ids"]) == 4 and tokenizer.bos_token_id not in first["prompt_chosen_ids"]
     assert first["chosen_ids"][-1] == tokenizer.eos_token_id and len(first["chosen_ids"]) == 3
     assert len(out.examples[1]["prompt_chosen_ids"]) + len(out.examples[1]["chosen_ids"]) == 12
     batch = collate(out.examples, tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (4, 12)  # [chosen_0, chosen_1, rejected_0, rejected_1]
-    assert batch["completion_mask"][0].tolist() == [0] * 5 + [1] * 3 + [0] * 4
-    assert batch["attention_mask"][2].tolist() == [1] * 8 + [0] * 4
+    assert batch["completion_mask"][0].tolist() == [0] * 4 + [1] * 3 + [0] * 5
+    assert batch["attention_mask"][2].tolist() == [1] * 7 + [0] * 5
     assert out.user_ids == ["a1"] and batch["user"].tolist() == [0, 0]
 
 
-def test_truncation_that_leaves_no_completion_fails_clearly(tokenizer):
-    rows = [normalise_row({**GOOD, "prompt": "describe the garden : " * 10}, "f", 0)]
-    with pytest.raises(PreferenceDataError, match="row 0: field 'chosen': no completion token left"):
-        tokenize_rows(rows, tokenizer, max_length=8, source="f")
+def test_prompt_longer_than_max_length_is_dropped_and_counted(tokenizer):
+    """TRL's keep_start drops a row whose prompt fills max_length; only a dataset with no row left is an error."""
+    rows = [normalise_row({**GOOD, "prompt": "describe the garden : " * 10}, "f", 0), normalise_row(GOOD, "f", 1)]
+    out = tokenize_rows(rows, tokenizer, max_length=8, source="f")
+    assert out.num_dropped == 1 and out.dropped[0][0] == 0 and [e["index"] for e in out.examples] == [1]
+    with pytest.raises(PreferenceDataError, match="row 0: field 'prompt': no usable rows remain"):
+        tokenize_rows(rows[:1], tokenizer, max_length=8, source="f")
 
 
 def test_conversational_rows_use_the_chat_template(tokenizer):

@@ -2,7 +2,9 @@
 
 Accepted (as TRL's ``DPOTrainer``):
 - explicit prompt: ``prompt``, ``chosen``, ``rejected`` strings;
-- implicit prompt: ``chosen`` and ``rejected`` share a prefix, which becomes the prompt;
+- implicit prompt: no ``prompt``; ``chosen`` and ``rejected`` are whole texts (e.g. Anthropic HH's
+  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) and the prompt is split off as TRL 1.16's ``data_utils.extract_prompt``
+  does (see :func:`prompt_cut`);
 - conversational: lists of ``{"role", "content"}`` messages, rendered with the tokenizer's chat template.
 Optional columns: ``user_id`` (annotator), ``user_features`` (list of numbers), ``group`` (ground-truth type,
 used only for evaluation). A bad row raises :class:`PreferenceDataError` naming file, row and field.
@@ -11,7 +13,6 @@ used only for evaluation). A bad row raises :class:`PreferenceDataError` naming 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +45,21 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def _check_completion(value, source, row, field, conversational) -> None:
+def _check_completion(value, source, row, field, conversational, explicit) -> None:
+    """A completion must have the row's type; an explicitly given one (``explicit``) must also be non-empty.
+
+    Implicit-prompt rows are whole texts/conversations, checked before the prompt is split off; what is left
+    after the split is never empty (see :func:`prompt_cut`), so it is not checked again.
+    """
     if value is None:
         raise PreferenceDataError(source, row, field, "missing (expected a non-empty completion)")
     if conversational:
         if not _is_messages(value) or not value:
             raise PreferenceDataError(source, row, field, f"expected a non-empty list of messages, got {value!r:.80}")
-        if any(not isinstance(m["content"], str) or not m["content"].strip() for m in value):
-            raise PreferenceDataError(source, row, field, "a message has empty or non-string content")
+        if any(not isinstance(m["content"], str) for m in value):
+            raise PreferenceDataError(source, row, field, "a message has non-string content")
+        if explicit and not any(m["content"].strip() for m in value):
+            raise PreferenceDataError(source, row, field, "empty completion (every message's content is empty)")
         return
     if not isinstance(value, str):
         raise PreferenceDataError(source, row, field, f"expected a string, got {type(value).__name__}")
@@ -59,34 +67,51 @@ def _check_completion(value, source, row, field, conversational) -> None:
         raise PreferenceDataError(source, row, field, "empty completion")
 
 
-def _common_prefix(a: str, b: str) -> str:
-    n = len(os.path.commonprefix([a, b]))
-    cut = max(a.rfind(" ", 0, n + 1), a.rfind("\n", 0, n + 1))  # split on a word boundary
-    return a[: cut + 1] if cut >= 0 and n < min(len(a), len(b)) else a[:n]
+def prompt_cut(chosen: str | list, rejected: str | list) -> int:
+    """Where TRL 1.16's ``data_utils.extract_prompt`` cuts an implicit-prompt pair: the prompt is ``chosen[:cut]``.
+
+    ``chosen``/``rejected`` are strings (cut in characters) or message lists (cut in messages). The cut is the
+    first position where they differ; for strings, a space just before it goes with the completions, so
+    ``"...Assistant: Sure"`` / ``"...Assistant: No"`` split into ``"...Assistant:"`` + ``" Sure"`` / ``" No"``
+    (byte-level BPE tokenizers glue the space to the next word, so the prompt ends on a token boundary). When one
+    is a prefix of the other (HH rows whose rejected answer is a truncated chosen one), the cut is one before the
+    shorter one's end, so each completion keeps at least its last character (message).
+    """
+    shortest = min(len(chosen), len(rejected))
+    for cut in range(shortest):
+        if chosen[cut] != rejected[cut]:
+            return cut - 1 if cut > 0 and chosen[cut - 1] == " " else cut
+    return shortest - 1
+
+
+def _split_implicit(chosen, rejected, source, row) -> tuple:
+    """(prompt, chosen, rejected) of an implicit-prompt row; a pair that shares no prefix cannot carry a prompt."""
+    cut = prompt_cut(chosen, rejected)
+    if cut <= 0:
+        raise PreferenceDataError(
+            source,
+            row,
+            "prompt",
+            "missing, and chosen/rejected share no prefix to split off as the prompt; "
+            "give a 'prompt' column, or whole texts/conversations that share the prompt",
+        )
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def normalise_row(record: dict[str, Any], source: str, row: int) -> PreferenceRow:
     """Validate one raw record and return it in explicit-prompt form (conversational rows stay messages)."""
     if not isinstance(record, dict):
         raise PreferenceDataError(source, row, "<row>", f"expected an object with chosen/rejected, got {record!r:.80}")
-    chosen, rejected = record.get("chosen"), record.get("rejected")
+    chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
     conversational = _is_messages(chosen) or _is_messages(rejected)
-    _check_completion(chosen, source, row, "chosen", conversational)
-    _check_completion(rejected, source, row, "rejected", conversational)
-    prompt = record.get("prompt")
-    if prompt is None:  # implicit prompt: the shared prefix
-        if conversational:
-            n = 0
-            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-                n += 1
-            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-        else:
-            prompt = _common_prefix(chosen, rejected)
-            chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
-        if not prompt:
-            raise PreferenceDataError(source, row, "prompt", "missing, and chosen/rejected share no prefix")
-        _check_completion(chosen, source, row, "chosen", conversational)
-        _check_completion(rejected, source, row, "rejected", conversational)
+    _check_completion(chosen, source, row, "chosen", conversational, explicit=prompt is not None)
+    _check_completion(rejected, source, row, "rejected", conversational, explicit=prompt is not None)
+    if chosen == rejected:
+        raise PreferenceDataError(
+            source, row, "rejected", "identical to 'chosen' (a pair must differ to express a preference); drop the row"
+        )
+    if prompt is None:
+        prompt, chosen, rejected = _split_implicit(chosen, rejected, source, row)
     elif conversational and not _is_messages(prompt):
         raise PreferenceDataError(source, row, "prompt", "conversational rows need the prompt as a list of messages")
     elif not conversational and not isinstance(prompt, str):

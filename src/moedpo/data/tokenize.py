@@ -1,8 +1,24 @@
-"""Tokenize preference rows like TRL and collate them into one [chosen; rejected] right-padded batch.
+"""Tokenize preference rows to the ids TRL 1.16's ``DPOTrainer`` trains on, and collate them into one
+[chosen; rejected] right-padded batch.
 
-Each example keeps prompt, chosen and rejected token ids separately; ``collate`` builds ``input_ids`` (2B, T),
-``attention_mask`` and ``completion_mask`` (1 on completion tokens only, which is what log-probs sum over),
-exactly the layout of TRL's ``DataCollatorForPreference``.
+What TRL 1.16 does (``DPOTrainer._prepare_dataset`` and ``DataCollatorForPreference``), and so do we:
+
+- Special tokens come from the tokenizer alone. Plain text is tokenized with the tokenizer's own post-processor
+  (a Llama-3 style one adds BOS, a GPT-2 style one adds nothing); chat messages through ``apply_chat_template``
+  (whose template writes any BOS). Plain-text completions get the EOS *text* appended unless they already end
+  with it; conversational completions get nothing after the template's end of turn.
+- The prompt, prompt+chosen and prompt+rejected are tokenized separately. The completion starts where the
+  prompt's ids stop being a prefix of *both* joint tokenizations, so a token that merges across the boundary
+  (``"Answer: "`` + ``"Yes"`` -> ``'Ġ'`` vs ``'ĠYes'``) goes to the completions and the prompt loses its tail.
+  One prompt serves chosen and rejected.
+- Truncation is per sequence (prompt+completion) to ``max_length``: ``keep_start`` keeps the first tokens and
+  drops rows whose prompt alone has ``max_length`` tokens or more (nothing would be left to learn from);
+  ``keep_end`` (deprecated in TRL 1.16) keeps the last tokens and drops nothing.
+
+``max_prompt_length`` is not a TRL 1.16 option: when set, the prompt keeps its last ``max_prompt_length`` tokens
+(those next to the completion) before the rules above. Each example keeps prompt, chosen and rejected ids
+separately; ``collate`` builds ``input_ids`` (2B, T), ``attention_mask`` and ``completion_mask`` (1 on completion
+tokens only, which is what log-probs sum over), exactly the layout of TRL's ``DataCollatorForPreference``.
 """
 
 from __future__ import annotations
@@ -21,45 +37,86 @@ class Tokenized:
     examples: list[dict]
     user_ids: list[str]  # position = integer user index
     num_truncated: int = 0
-    groups: list[str | None] = field(default_factory=list)
+    groups: list[str | None] = field(default_factory=list)  # one per input row, dropped ones included
+    num_dropped: int = 0
+    dropped: list[tuple[int, str]] = field(default_factory=list)  # (0-based row, one-line reason)
 
 
-def _ids(tokenizer, text) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _chat_ids(tokenizer, messages: list, **kwargs) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
 
 
-def _render(tokenizer, row: PreferenceRow) -> tuple[str, list[int], list[int], list[int]]:
+def prompt_input_ids(tokenizer, prompt: str | list) -> list[int]:
+    """Ids the model sees for ``prompt`` (a string or chat messages) at generation and routing time.
+
+    The same call that gives the prompt ids in training: the tokenizer's special tokens for a string, the chat
+    template with its generation prompt for messages. Training's prompt is exactly these ids unless a token
+    merges across the prompt/completion boundary (a prompt ending in a space before a byte-level BPE tokenizer's
+    ``'Ġword'``); it is then these ids without their merged tail, as in TRL.
+    """
+    if isinstance(prompt, list):
+        return _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    return tokenizer(prompt)["input_ids"]
+
+
+def _prompt_text(tokenizer, row: PreferenceRow) -> str:
     if row.conversational:
-        prompt = tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=False)
-        full_chosen = tokenizer.apply_chat_template(row.prompt + row.chosen, tokenize=False)
-        full_rejected = tokenizer.apply_chat_template(row.prompt + row.rejected, tokenize=False)
+        return tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=False)
+    return row.prompt
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _split(tokenizer, row: PreferenceRow) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of one row, the completions split where the ids diverge."""
+    prompt_ids = prompt_input_ids(tokenizer, row.prompt)
+    if row.conversational:
+        full_chosen = _chat_ids(tokenizer, row.prompt + row.chosen)
+        full_rejected = _chat_ids(tokenizer, row.prompt + row.rejected)
     else:
-        prompt, full_chosen, full_rejected = row.prompt, row.prompt + row.chosen, row.prompt + row.rejected
-    prompt_ids = _ids(tokenizer, prompt)
-    if tokenizer.bos_token_id is not None and not row.conversational:
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
-    offset = len(prompt_ids) - (1 if tokenizer.bos_token_id is not None and not row.conversational else 0)
-    chosen_ids = _ids(tokenizer, full_chosen)[offset:]
-    rejected_ids = _ids(tokenizer, full_rejected)[offset:]
-    eos = tokenizer.eos_token_id
-    if eos is not None:  # like TRL: end every completion with EOS, once
-        chosen_ids = chosen_ids if chosen_ids[-1:] == [eos] else chosen_ids + [eos]
-        rejected_ids = rejected_ids if rejected_ids[-1:] == [eos] else rejected_ids + [eos]
-    return prompt, prompt_ids, chosen_ids, rejected_ids
+        eos = tokenizer.eos_token or ""
+        chosen = row.chosen if row.chosen.endswith(eos) else row.chosen + eos
+        rejected = row.rejected if row.rejected.endswith(eos) else row.rejected + eos
+        full_chosen = tokenizer(row.prompt + chosen)["input_ids"]
+        full_rejected = tokenizer(row.prompt + rejected)["input_ids"]
+    cut = min(_common_prefix_length(prompt_ids, full_chosen), _common_prefix_length(prompt_ids, full_rejected))
+    return prompt_ids[:cut], full_chosen[cut:], full_rejected[cut:]
 
 
-def _truncate(prompt, completion, max_length, max_prompt_length, mode):
-    truncated = False
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt, truncated = prompt[-max_prompt_length:], True
-    if max_length is not None and len(prompt) + len(completion) > max_length:
-        truncated = True
-        if mode == "keep_start":
-            completion = completion[: max(max_length - len(prompt), 0)]
-        else:
-            prompt = prompt[-max(max_length - len(completion), 0) :] if len(completion) < max_length else []
-            completion = completion[-max_length:]
-    return prompt, completion, truncated
+def _truncate(prompt: list[int], completion: list[int], max_length: int | None, mode: str):
+    """(prompt, completion, truncated) after cutting the sequence prompt+completion to ``max_length`` tokens."""
+    if max_length is None or len(prompt) + len(completion) <= max_length:
+        return prompt, completion, False
+    if mode == "keep_start":  # the caller has dropped rows with len(prompt) >= max_length
+        return prompt, completion[: max_length - len(prompt)], True
+    if len(completion) >= max_length:
+        return [], completion[-max_length:], True
+    return prompt[len(prompt) + len(completion) - max_length :], completion, True
+
+
+def _drop_reason(prompt_ids: list[int], max_length: int | None, mode: str) -> str | None:
+    if max_length is not None and mode == "keep_start" and len(prompt_ids) >= max_length:
+        return (
+            f"prompt has {len(prompt_ids)} tokens, max_length is {max_length}: no completion token would be left "
+            "(TRL's keep_start drops it)"
+        )
+    return None
+
+
+def _no_rows_left(source: str, dropped: list[tuple[int, str]]) -> PreferenceDataError:
+    row, reason = dropped[0]
+    return PreferenceDataError(
+        source,
+        row,
+        "prompt",
+        f"no usable rows remain: all {len(dropped)} rows were dropped ({reason}); raise max_length, set "
+        "max_prompt_length below it, or use truncation_mode=keep_end",
+    )
 
 
 def tokenize_rows(
@@ -72,20 +129,28 @@ def tokenize_rows(
     truncation_mode: str = "keep_start",
     user_ids: list[str] | None = None,
 ) -> Tokenized:
-    """Tokenize rows; returns examples with integer user indices (new users appended to ``user_ids``)."""
+    """Tokenize rows like TRL; returns examples with integer user indices (new users appended to ``user_ids``).
+
+    Rows TRL drops are counted in ``num_dropped`` and listed in ``dropped``; their users are not registered.
+    Raises :class:`PreferenceDataError` if rows were given and every one was dropped.
+    """
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode {truncation_mode!r}: expected one of {TRUNCATION_MODES}")
     users = list(user_ids or [])
     lookup = {u: i for i, u in enumerate(users)}
-    examples, truncated_rows = [], 0
+    examples, dropped, truncated_rows = [], [], 0
     for i, row in enumerate(rows):
-        prompt_text, prompt_ids, chosen_ids, rejected_ids = _render(tokenizer, row)
-        p_c, chosen_ids, t_c = _truncate(prompt_ids, chosen_ids, max_length, max_prompt_length, truncation_mode)
-        p_r, rejected_ids, t_r = _truncate(prompt_ids, rejected_ids, max_length, max_prompt_length, truncation_mode)
-        if not chosen_ids or not rejected_ids:
-            field = "chosen" if not chosen_ids else "rejected"
-            raise PreferenceDataError(source, i, field, f"no completion token left after truncation to {max_length}")
-        truncated_rows += t_c or t_r
+        prompt_ids, chosen_ids, rejected_ids = _split(tokenizer, row)
+        cut_prompt = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
+        if cut_prompt:
+            prompt_ids = prompt_ids[-max_prompt_length:]
+        reason = _drop_reason(prompt_ids, max_length, truncation_mode)
+        if reason is not None:
+            dropped.append((i, reason))
+            continue
+        p_c, chosen_ids, t_c = _truncate(prompt_ids, chosen_ids, max_length, truncation_mode)
+        p_r, rejected_ids, t_r = _truncate(prompt_ids, rejected_ids, max_length, truncation_mode)
+        truncated_rows += cut_prompt or t_c or t_r
         user = row.user_id if row.user_id is not None else f"__row_{i}"
         if user not in lookup:
             lookup[user] = len(users)
@@ -93,7 +158,7 @@ def tokenize_rows(
         examples.append(
             {
                 "index": i,
-                "prompt_text": prompt_text,
+                "prompt_text": _prompt_text(tokenizer, row),
                 "prompt_chosen_ids": p_c,
                 "prompt_rejected_ids": p_r,
                 "chosen_ids": chosen_ids,
@@ -103,7 +168,10 @@ def tokenize_rows(
                 "user_features": row.user_features,
             }
         )
-    return Tokenized(examples, users, truncated_rows, [row.group for row in rows])
+    if rows and not examples:
+        raise _no_rows_left(source, dropped)
+    groups = [row.group for row in rows]
+    return Tokenized(examples, users, truncated_rows, groups, len(dropped), dropped)
 
 
 def _pad(sequences: list[list[int]], value: int) -> torch.Tensor:
