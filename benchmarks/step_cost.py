@@ -41,13 +41,9 @@ def time_steps(args, mode, k, schedule):
     dtype = torch.bfloat16 if args.device.startswith("cuda") and not args.fp32 else None
     bank = bank_cls(model, k, autocast_dtype=dtype, **options)
     gate = FixedGate(k).to(args.device)
-
-    def forward(batch):
-        out = bank.margins(batch)
-        return {"h": out["h"], "gate_logits": gate(out["h"].shape[0]), "backward": lambda g: bank.push(batch, g)}
-
     params = list(bank.trainable_parameters().values()) + list(gate.parameters())
-    loop = VariationalEM(forward, torch.optim.AdamW(params, lr=1e-4), beta=0.1, schedule=schedule)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    loop = VariationalEM(bank, lambda b, _: gate(b["index"].numel()), optimizer, beta=0.1, schedule=schedule)
     generator = torch.Generator().manual_seed(0)
     batch = random_batch(args.batch, args.seq, args.vocab, args.device, generator)
     for _ in range(args.warmup):

@@ -70,11 +70,8 @@ def moedpo_step_time(bank, batch, args):
     ours = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
     ours["index"] = torch.arange(batch["input_ids"].shape[0] // 2)
 
-    def forward(b):
-        out = bank.margins(b)
-        return {"h": out["h"], "gate_logits": gate(out["h"].shape[0]), "backward": lambda g: bank.push(b, g)}
-
-    loop = VariationalEM(forward, torch.optim.AdamW(bank.trainable_parameters().values(), lr=1e-4), beta=0.5)
+    optimizer = torch.optim.AdamW(bank.trainable_parameters().values(), lr=1e-4)
+    loop = VariationalEM(bank, lambda b, _: gate(b["index"].numel()), optimizer, beta=0.5)
     return timed(lambda: loop.step(ours), args.steps)
 
 

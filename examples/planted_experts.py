@@ -32,16 +32,17 @@ def fit(world: TabularWorld, num_experts: int, beta: float, steps: int, seed: in
     torch.manual_seed(seed)
     experts = TabularExperts(world.ref_logits, num_experts, init_std=1.0, seed=seed)
     gate = FixedGate(num_experts, learnable=False)
-    pairs, num_users = world.train, world.user_types.numel()
+    num_users = world.user_types.numel()
 
-    def forward(_batch):
-        h = experts.margins(pairs.prompt, pairs.chosen, pairs.rejected)  # (N, K)
-        return {"h": h, "gate_logits": gate(num_users), "user_index": pairs.user}
+    def gate_logits(pairs, _margins):  # one row per annotator (user scope), and which annotator labelled each pair
+        return gate(num_users), {"user_index": pairs.user}
 
     optimizer = torch.optim.Adam(experts.parameters(), lr=0.05)
-    loop = VariationalEM(forward, optimizer, beta=beta, model=user_bt_model, schedule="em", closed_form_gate=gate)
+    loop = VariationalEM(
+        experts, gate_logits, optimizer, beta=beta, model=user_bt_model, schedule="em", closed_form_gate=gate
+    )
     for _ in range(steps):
-        loop.step(None)
+        loop.step(world.train)  # full batch
     return experts, gate, loop.metrics
 
 
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     oracle = world.oracle_accuracy(world.heldout)
 
     print(f"train pairs {len(world.train)}, held-out pairs {len(world.heldout)}, annotators {world.user_types.numel()}")
-    print(f"final marginal NLL per pair {metrics['em/marginal_nll']:.4f}")
+    print(f"final marginal NLL per pair {metrics['loss']:.4f}")
     print(f"annotator-type ARI            {mixture['ari']:.3f}")
     print(f"held-out accuracy  mixture    {mixture['accuracy']:.4f}")
     print(f"                   oracle     {oracle:.4f}")

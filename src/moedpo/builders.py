@@ -6,20 +6,24 @@ Library classes take plain arguments; only this module reads the config.
 
 from __future__ import annotations
 
+import importlib
+import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from moedpo.config import Config
+from moedpo.config import Config, ConfigError
 from moedpo.data.builtin import make_builtin_rows, tiny_causal_lm, train_tokenizer
 from moedpo.data.encoder import encode_prompts, load_encoder
 from moedpo.data.formats import normalise_row
 from moedpo.data.loading import load_preference_rows
 from moedpo.data.tokenize import tokenize_rows
 from moedpo.experts import HeadsBank, IndependentBank, LoRABank
-from moedpo.models.gates import FixedGate, MLPGate, UserGate
+from moedpo.models.bt import mixture_bt_model, user_bt_model
+from moedpo.models.gates import FixedGate, MLPGate, Router, UserGate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,6 +71,7 @@ class PreparedData:
     user_ids: list[str]
     num_truncated: int
     user_feature_dim: int
+    num_dropped: int = 0  # rows TRL would drop too (prompt >= max_length under keep_start): counted, not fatal
 
 
 def _rows(config: Config, source: str):
@@ -91,9 +96,11 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
             _rows(config, d.eval_source), tokenizer, source=d.eval_source, user_ids=tokenized.user_ids, **options
         )
         train, evaluation, users = tokenized.examples, held.examples, held.user_ids
+        offset = 1 + max((e["index"] for e in train), default=-1)
         for e in evaluation:
-            e["index"] += len(train)  # distinct cache keys
+            e["index"] += offset  # distinct cache keys
         truncated = tokenized.num_truncated + held.num_truncated
+        dropped = tokenized.num_dropped + held.num_dropped
     else:
         by_user: dict[int, list[dict]] = {}
         for e in tokenized.examples:
@@ -107,11 +114,11 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
             train += examples[n_eval:]
         train.sort(key=lambda e: e["index"])
         evaluation.sort(key=lambda e: e["index"])
-        users, truncated = tokenized.user_ids, tokenized.num_truncated
+        users, truncated, dropped = tokenized.user_ids, tokenized.num_truncated, tokenized.num_dropped
     if config.gate.encoder:
         attach_encoder_features(config.gate.encoder, train + evaluation)
     dims = {len(e["user_features"]) for e in train if e["user_features"] is not None}
-    return PreparedData(train, evaluation, users, truncated, dims.pop() if len(dims) == 1 else 0)
+    return PreparedData(train, evaluation, users, truncated, dims.pop() if len(dims) == 1 else 0, dropped)
 
 
 def attach_encoder_features(encoder_name: str, examples: list[dict]) -> int:
@@ -128,8 +135,17 @@ def gate_feature_dim(config: Config, base, data: PreparedData) -> int:
     return base.config.hidden_size
 
 
+def disable_dropout(model) -> None:
+    """Set every dropout probability of the base to 0 (TRL's ``disable_dropout``); LoRA dropout is added later."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def build_bank(config: Config, model, device: torch.device):
     e = config.experts
+    if config.train.disable_dropout:
+        disable_dropout(model)
     model = model.to(device)
     dtype = autocast_dtype(config, device)
     if e.mode == "independent":
@@ -150,35 +166,73 @@ def build_bank(config: Config, model, device: torch.device):
     return LoRABank(model, e.num_experts, target_modules=e.target_modules, **lora)
 
 
-def build_gate(config: Config, feature_dim: int, num_users: int, user_feature_dim: int) -> torch.nn.Module:
+def build_gate(config: Config, feature_dim: int, num_users: int, user_feature_dim: int) -> Router:
+    """The run's gate network wrapped in a :class:`~moedpo.models.gates.Router` (reads batches, either scope)."""
     g, k = config.gate, config.experts.num_experts
     if g.type == "fixed":
-        return FixedGate(k, learnable=not g.closed_form)
-    if g.type == "mlp":
-        return MLPGate(feature_dim, k, hidden=g.hidden)
-    return UserGate(
-        k, num_users=num_users, user_feature_dim=user_feature_dim if g.user_features else 0, hidden=g.hidden
-    )
+        net = FixedGate(k, learnable=not g.closed_form)
+    elif g.type == "mlp":
+        net = MLPGate(feature_dim, k, hidden=g.hidden)
+    else:
+        net = UserGate(
+            k, num_users=num_users, user_feature_dim=user_feature_dim if g.user_features else 0, hidden=g.hidden
+        )
+    return Router(net, g.type, config.em.scope, user_features=g.user_features)
 
 
-def gate_logits(config: Config, gate, batch: dict, features: torch.Tensor):
-    """Gate logits for a batch: (B, K) in pair scope; (U, K) and local user_index (B,) in user scope."""
-    device = features.device
-    if "prompt_features" in batch:  # a configured sentence encoder replaces the base's pooled features
-        features = batch["prompt_features"].to(device)
-    if config.em.scope == "pair":
-        if config.gate.type == "fixed":
-            return gate(features.shape[0]).to(device), None
-        if config.gate.type == "mlp":
-            return gate(features), None
-        return _user_gate(config, gate, batch["user"].to(device), batch), None
-    users, local = torch.unique(batch["user"].to(device), return_inverse=True)
-    if config.gate.type == "fixed":
-        return gate(users.numel()), local
-    first = torch.zeros_like(users).scatter_(0, local, torch.arange(local.numel(), device=device))
-    return _user_gate(config, gate, users, {k: v[first] for k, v in batch.items() if k == "user_features"}), local
+BUILTIN_MODELS = {"mixture": mixture_bt_model, "pair": mixture_bt_model, "user": user_bt_model}
 
 
-def _user_gate(config, gate, user_ids, batch):
-    features = batch.get("user_features") if config.gate.user_features else None
-    return gate(user_ids=user_ids, user_features=None if features is None else features.to(user_ids.device))
+def resolve_latent_model(config: Config):
+    """``em.model``: a built-in short name, ``package.module:name``, or empty for the scope's built-in model."""
+    spec = config.em.model or config.em.scope
+    model = BUILTIN_MODELS.get(spec) or import_object(spec, "em.model")
+    if getattr(model, "max_plate_nesting", None) is None:
+        raise ConfigError(
+            f"em.model={spec!r}: set `{getattr(model, '__name__', 'model')}.max_plate_nesting = N` on the function "
+            "(the number of nested plates its sample sites sit in)"
+        )
+    return model
+
+
+def import_object(spec: str, key: str):
+    """``package.module:name`` -> the object (the working directory is importable, like ``python -m``)."""
+    if ":" not in spec:
+        raise ConfigError(f"{key}={spec!r}: expected a built-in name or package.module:name")
+    module_name, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{key}={spec!r}: cannot import {module_name!r} ({err})") from None
+    if not hasattr(module, name):
+        raise ConfigError(f"{key}={spec!r}: module {module_name!r} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+@dataclass
+class Run:
+    """Everything ``train``, ``eval`` and ``generate`` share: built once, from one config, by :func:`build_run`."""
+
+    config: Config
+    tokenizer: object
+    base: object
+    data: PreparedData
+    bank: object
+    gate: Router
+    model: object  # the latent preference model (a Pyro function)
+    guide: object = None  # svi: a Pyro guide (an nn.Module's parameters train with the rest)
+
+
+def build_run(config: Config, device: torch.device, saved_base: Path | None = None) -> Run:
+    """Tokenizer and base model, validated and tokenized data, expert bank, gate and latent model."""
+    model = resolve_latent_model(config)
+    tokenizer, base = build_base(config, saved_base)
+    data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
+    bank = build_bank(config, base, device)
+    gate = build_gate(config, gate_feature_dim(config, base, data), len(data.user_ids), data.user_feature_dim)
+    guide = import_object(config.em.guide, "em.guide") if config.em.guide else None
+    if isinstance(guide, torch.nn.Module):
+        guide = guide.to(bank.device)
+    return Run(config, tokenizer, base, data, bank, gate.to(bank.device), model, guide)

@@ -61,15 +61,13 @@ class GateConfig:
 
 @dataclass
 class EMConfig:
-    schedule: str = "em"  # em | svi | gumbel
+    schedule: str = "em"  # em (exact E-step) | svi (marginal likelihood / guide ELBO) | gumbel (sparse top-1 draws)
     scope: str = "user"  # user (one latent per annotator) | pair (one latent per comparison)
+    model: str | None = None  # latent model: mixture | user | package.module:name (default: the scope's built-in)
+    guide: str | None = None  # svi only: a Pyro guide, package.module:name (default: exact enumeration)
     beta: float = 0.5
-    label_smoothing: float = 0.0  # robust / conservative DPO link
-    m_steps: int = 1
-    temperature_start: float = 1.0  # gumbel
-    temperature_end: float = 0.1
-    temperature_steps: int = 100
-    straight_through: bool = True  # gumbel: top-1 sparse updates
+    label_smoothing: float = 0.0  # robust / conservative DPO link, in [0, 0.5)
+    m_steps: int = 1  # M-step updates per E-step (the learning-rate schedule counts EM steps)
     load_balance: float = 0.0
     usage_entropy: float = 0.0
 
@@ -88,6 +86,8 @@ class TrainConfig:
     users_per_batch: int = 2  # annotators per step, all their pairs (user scope)
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = 1.0
+    loss_type: str = "sigmoid"  # per-expert DPO loss (TRL names): sigmoid | ipo | hinge | robust
+    disable_dropout: bool = True  # as TRL: zero the base model's dropout (experts.lora_dropout still applies)
     bf16: str = "auto"  # auto (bf16 autocast on CUDA) | true | false
     device: str = "auto"
     eval_every: int = 50
@@ -190,6 +190,7 @@ CHOICES = {
     ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("train", "loss_type"): ("sigmoid", "ipo", "hinge", "robust"),
 }
 
 
@@ -198,8 +199,24 @@ def validate(config: Config) -> None:
         value = getattr(getattr(config, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key}={value!r}: expected one of {choices}")
-    if config.experts.num_experts < 1:
-        raise ConfigError("experts.num_experts must be >= 1")
+    checks = [
+        (config.experts.num_experts >= 1, "experts.num_experts", "an integer >= 1"),
+        (config.em.m_steps >= 1, "em.m_steps", "an integer >= 1"),
+        (config.em.beta > 0, "em.beta", "a number > 0 (the KL strength; DPO papers use 0.1-0.5)"),
+        (0 <= config.em.label_smoothing < 0.5, "em.label_smoothing", "a number in [0, 0.5)"),
+        (0 <= config.data.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)"),
+        (0 <= config.experts.lora_dropout < 1, "experts.lora_dropout", "a number in [0, 1)"),
+        (config.train.max_steps >= 1, "train.max_steps", "an integer >= 1"),
+        (config.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "an integer >= 1"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
+    if config.train.loss_type != "sigmoid" and config.em.schedule != "em":
+        raise ConfigError(f"train.loss_type={config.train.loss_type!r} needs em.schedule=em (the q-weighted TRL loss)")
+    if config.em.guide and config.em.schedule != "svi":
+        raise ConfigError("em.guide is used by em.schedule=svi only (em and gumbel use the exact posterior)")
     if config.em.scope == "user" and config.gate.type == "mlp":
         raise ConfigError(
             "gate.type=mlp reads prompt features, which differ between one annotator's pairs; "

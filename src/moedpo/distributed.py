@@ -3,8 +3,9 @@
 Launch with ``torchrun --nproc_per_node N -m moedpo.cli train ...`` (or ``accelerate launch``, which sets the
 same environment). Each global batch is split across processes by latent unit (a pair, or a whole annotator,
 so user-scope E-steps stay exact); gradients and the closed-form gate statistics are summed across processes
-before each update, so N processes take the same steps as one process with the whole batch. Rank 0 writes the
-run directory.
+before each update; each process divides its loss by the global number of pairs of the step, so N processes
+take the same steps as one process with the whole batch, also when shards are unequal or empty. Rank 0 writes
+the run directory.
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ class DataParallel:
         """This process's share of one global batch's units."""
         return units[self.rank :: self.world_size]
 
-    def average_gradients(self, params) -> None:
-        """Mean of each gradient over processes (a missing gradient counts as zero)."""
+    def sum_gradients(self, params) -> None:
+        """Sum of each gradient over processes (a missing gradient counts as zero). The loop divides every
+        process's loss by the global number of pairs, so the sum is the gradient of the global mean."""
         if not self.enabled:
             return
         for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-            param.grad /= self.world_size
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.enabled:

@@ -1,5 +1,5 @@
-"""Reopen a finished run directory: rebuild base, bank and gate from ``config.yaml`` and the final checkpoint,
-then evaluate (``moedpo eval``) or route and generate (``moedpo generate``)."""
+"""Reopen a finished run directory: rebuild the run from ``config.yaml`` (the same builder as training) and the
+final checkpoint, then evaluate (``moedpo eval``) or route and generate (``moedpo generate``)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from moedpo.builders import (
-    attach_encoder_features,
-    build_bank,
-    build_base,
-    build_gate,
-    gate_feature_dim,
-    gate_logits,
-    prepare_data,
-    resolve_device,
-)
+from moedpo.builders import attach_encoder_features, build_run, resolve_device
 from moedpo.config import load_config
 from moedpo.data.loading import load_preference_rows
-from moedpo.data.tokenize import collate, tokenize_rows
-from moedpo.eval.evaluate import bank_margins, evaluate
-from moedpo.losses import user_responsibilities
+from moedpo.data.tokenize import collate, prompt_input_ids, tokenize_rows
+from moedpo.eval.evaluate import evaluate, user_posteriors
 from moedpo.runs import find_checkpoint, restore_parameters
 
 
@@ -36,13 +26,9 @@ class RunSession:
             raise FileNotFoundError(f"{self.run_dir}: not a moedpo run directory (no config.yaml)")
         self.config = load_config(self.run_dir / "config.yaml")
         saved_base = self.run_dir / "base" if (self.run_dir / "base").exists() else None
-        self.tokenizer, base = build_base(self.config, saved_base)
+        self.run = build_run(self.config, resolve_device(self.config.train.device), saved_base)
+        self.tokenizer, self.bank, self.gate = self.run.tokenizer, self.run.bank, self.run.gate
         self.user_ids = json.loads((self.run_dir / "users.json").read_text())
-        device = resolve_device(self.config.train.device)
-        self.bank = build_bank(self.config, base, device)
-        self.data = prepare_data(self.config, self.tokenizer)
-        feature_dim = gate_feature_dim(self.config, base, self.data)
-        self.gate = build_gate(self.config, feature_dim, len(self.user_ids), self.data.user_feature_dim).to(device)
         checkpoint = find_checkpoint(self.run_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"{self.run_dir}: no complete checkpoint")
@@ -50,12 +36,11 @@ class RunSession:
         self.gate.load_state_dict(load_file(self.run_dir / "gate.safetensors"))
 
     def evaluate(self, data: str | None = None) -> dict:
-        held_out = self.data.eval
+        held_out = self.run.data.eval
         if data is not None:
             d = self.config.data
-            rows = load_preference_rows(data, d.split)
             held_out = tokenize_rows(
-                rows,
+                load_preference_rows(data, d.split),
                 self.tokenizer,
                 source=data,
                 max_length=d.max_length,
@@ -63,30 +48,34 @@ class RunSession:
                 truncation_mode=d.truncation_mode,
                 user_ids=self.user_ids,
             ).examples
+            offset = 1 + max(e["index"] for e in self.run.data.train + self.run.data.eval)
             for e in held_out:
-                e["index"] += 10**9  # keep reference-cache keys apart from training examples
-        metrics, details = evaluate(
-            self.config, self.bank, self.gate, self.data.train, held_out, self.tokenizer.pad_token_id
-        )
+                e["index"] += offset  # keep reference-cache keys apart from the run's own examples
+        metrics, details = evaluate(self.run, self.run.data.train, held_out)
         metrics["eval/mean_weights"] = details["weights"].mean(0).tolist()
         return metrics
 
     @torch.no_grad()
     def route(self, prompt: str, user: str | None = None) -> torch.Tensor:
-        """Gate weights (K,) for a prompt (and annotator)."""
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id, *ids]
-        user_index = self.user_ids.index(user) if user in self.user_ids else None
-        if self.config.gate.type == "user" and user_index is None:
+        """Expert weights (K,) for a prompt: the annotator's posterior (user scope), else the gate's prior."""
+        if user is not None and user not in self.user_ids:
+            raise ValueError(f"--user {user!r}: not an annotator of this run (e.g. {self.user_ids[:3]})")
+        if self.config.gate.type == "user" and user is None:
             raise ValueError(f"this run's gate is user-conditioned: pass --user (one of {self.user_ids[:5]}...)")
+        user_index = self.user_ids.index(user) if user is not None else 0
+        if self.config.em.scope == "user" and user is not None:
+            own = [e for e in self.run.data.train if e["user"] == user_index]
+            if own:
+                ids, q = user_posteriors(self.run, own)
+                return q[0]
+        ids = prompt_input_ids(self.tokenizer, prompt)
         example = {
-            "index": -1,
+            "index": -1,  # a probe: never cached
             "prompt_chosen_ids": ids,
             "prompt_rejected_ids": ids,
             "chosen_ids": [ids[-1]],
             "rejected_ids": [ids[-1]],
-            "user": user_index or 0,
+            "user": user_index,
             "group": None,
             "user_features": None,
             "prompt_text": prompt,
@@ -94,25 +83,24 @@ class RunSession:
         if self.config.gate.encoder:
             attach_encoder_features(self.config.gate.encoder, [example])
         batch = self.bank.to_device(collate([example], self.tokenizer.pad_token_id))
-        with self.bank.autocast():  # the base's pooled prompt features, without touching the per-example cache
-            _, features = self.bank.reference_pass(batch)
-        logits, _ = gate_logits(self.config, self.gate, batch, features[:1].float())
-        if self.config.em.scope == "user" and user_index is not None:  # the annotator's posterior (E-step)
-            own = [e for e in self.data.train if e["user"] == user_index]
-            h = bank_margins(self.bank, own, self.tokenizer.pad_token_id)["h"]
-            return user_responsibilities(h, logits[:1].cpu(), self.config.em.beta, torch.zeros(len(own)).long())[0]
-        return torch.softmax(logits[0], -1)
+        features = self.bank.reference(batch)[2]
+        return self.gate.pair_weights(batch, features)[0].cpu()
 
     @torch.no_grad()
     def generate(self, prompt: str, expert: int, max_new_tokens: int = 32) -> str:
         model = self.bank.experts[expert] if hasattr(self.bank, "experts") else self.bank.model
         if hasattr(self.bank, "activate"):
             self.bank.activate(expert)
-        inputs = self.tokenizer(prompt, return_tensors="pt").to(self.bank.device)
+        self.bank.eval_mode()
+        ids = torch.tensor([prompt_input_ids(self.tokenizer, prompt)], device=self.bank.device)
         out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
-        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def evaluate_run(run_dir, data: str | None = None) -> dict:
@@ -121,7 +109,8 @@ def evaluate_run(run_dir, data: str | None = None) -> dict:
 
 def generate(run_dir, prompt: str, user: str | None, expert: str, max_new_tokens: int) -> tuple[int, str]:
     session = RunSession(run_dir)
+    num_experts = session.config.experts.num_experts
+    if expert != "auto" and not (expert.isdigit() and int(expert) < num_experts):
+        raise ValueError(f"--expert {expert}: expected auto or 0..{num_experts - 1}")
     k = int(session.route(prompt, user).argmax()) if expert == "auto" else int(expert)
-    if not 0 <= k < session.config.experts.num_experts:
-        raise ValueError(f"--expert {expert}: expected auto or 0..{session.config.experts.num_experts - 1}")
     return k, session.generate(prompt, k, max_new_tokens)

@@ -1,5 +1,7 @@
-"""Two processes (torchrun, gloo) take the same steps as one process with the whole global batch."""
+"""Two processes (torchrun, gloo) take the same steps as one process with the whole global batch, also when the
+annotators have unequal pair counts, the shards are uneven, the last batch is short and a shard is empty."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,22 +10,37 @@ import torch
 from safetensors.torch import load_file
 
 from moedpo.config import load_config
+from moedpo.data.builtin import make_builtin_rows
 from moedpo.runs import read_metrics
 from moedpo.training import train
 
 SETTINGS = [
     "model.hidden_size=32",
-    "data.annotators_per_type=3",
-    "data.pairs_per_annotator=12",
-    "train.users_per_batch=2",
-    "train.max_steps=8",
+    "data.eval_fraction=0",
+    "train.users_per_batch=2",  # 3 annotators: batches of 2 then 1 annotators -> shards 1+1, then 1+0 (empty)
+    "train.max_steps=6",
     "train.eval_every=0",
     "train.checkpoint_every=0",
 ]
 
 
-def test_two_processes_match_one(tmp_path):
-    single = train(load_config(overrides=[f"train.output_dir={tmp_path / 'one'}", *SETTINGS]))
+def write_unequal_annotators(path):
+    """Three annotators with 11, 6 and 2 pairs (two types)."""
+    rows = make_builtin_rows(annotators_per_type=2, pairs_per_annotator=12, seed=3)
+    counts = {"annotator_000": 11, "annotator_001": 6, "annotator_002": 2}
+    kept = []
+    for row in rows:
+        if counts.get(row["user_id"], 0) > 0:
+            counts[row["user_id"]] -= 1
+            kept.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def test_two_uneven_processes_match_one(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    write_unequal_annotators(data)
+    settings = [f"data.source={data}", *SETTINGS]
+    single = train(load_config(overrides=[f"train.output_dir={tmp_path / 'one'}", *settings]))
     command = [
         sys.executable,
         "-m",
@@ -36,19 +53,33 @@ def test_two_processes_match_one(tmp_path):
         "moedpo.cli",
         "train",
         f"train.output_dir={tmp_path / 'two'}",
-        *SETTINGS,
+        *settings,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_metrics(tmp_path / "two")[-1]["world_size"] == 2 and read_metrics(single)[-1]["world_size"] == 1
-    # each rank saw one annotator per step: rank 0 logs its own half of the global batch
-    assert read_metrics(tmp_path / "two")[0]["loss"] != read_metrics(single)[0]["loss"]
+    one, two = read_metrics(single), read_metrics(tmp_path / "two")
+    assert two[-1]["world_size"] == 2 and one[-1]["world_size"] == 1
+    # the logged loss is the global mean over both processes' pairs
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < 1e-5
     expected = load_file(single / "checkpoint" / "params.safetensors")
     got = load_file(tmp_path / "two" / "checkpoint" / "params.safetensors")
     assert expected.keys() == got.keys()
     worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    moved = max((expected[k] - v).abs().max().item() for k, v in _initial(tmp_path, settings).items())
+    print(f"max parameter difference 1 vs 2 processes: {worst:.3g} (parameters moved by up to {moved:.3g})")
     assert worst < 1e-5, f"max parameter difference {worst:.3g}"
+    assert moved > 1e-3
     gate_one, gate_two = load_file(single / "gate.safetensors"), load_file(tmp_path / "two" / "gate.safetensors")
-    assert torch.allclose(gate_one["logits"], gate_two["logits"], atol=1e-6)
+    assert torch.allclose(gate_one["net.logits"], gate_two["net.logits"], atol=1e-6)
     assert (tmp_path / "two" / "experts" / "expert_1" / "adapter_model.safetensors").exists()
+
+
+def _initial(tmp_path, settings):
+    """The parameters before any update (a run of one step at learning rate 0)."""
+    run = train(
+        load_config(
+            overrides=[f"train.output_dir={tmp_path / 'init'}", *settings, "train.max_steps=1", "train.learning_rate=0"]
+        )
+    )
+    return load_file(run / "checkpoint" / "params.safetensors")

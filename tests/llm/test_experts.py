@@ -35,13 +35,14 @@ BANKS = [(LoRABank, {}), (HeadsBank, {"top_layers": 1}), (IndependentBank, {"ini
 
 
 @pytest.mark.parametrize("cls, options", BANKS, ids=["lora", "heads", "independent"])
-def test_push_equals_autograd_and_experts_start_apart(cls, options, tiny_model, batch):
+def test_backward_equals_autograd_and_experts_start_apart(cls, options, tiny_model, batch):
     bank = cls(tiny_model, 3, **options)
     out = bank.margins(batch)
-    assert out["h"].shape == (6, 3) and out["features"].shape == (6, 32)
-    assert (out["h"][:, 0] - out["h"][:, 1]).abs().max() > 1e-4  # distinct initialisation
+    h = out["chosen_logps"] - out["rejected_logps"]
+    assert h.shape == (6, 3) and out["features"].shape == (6, 32) and not h.requires_grad
+    assert (h[:, 0] - h[:, 1]).abs().max() > 1e-4  # distinct initialisation
     grad_h = torch.randn(6, 3)
-    bank.push(batch, grad_h)
+    bank.backward(batch, grad_h, -grad_h)
     pushed = {n: p.grad.clone() for n, p in bank.trainable_parameters().items() if p.grad is not None}
     for p in bank.trainable_parameters().values():
         p.grad = None
@@ -70,7 +71,7 @@ def test_reference_is_computed_once_per_example(tiny_model, batch):
     assert torch.allclose(first["ref_chosen_logps"], ref.chunk(2)[0])
 
 
-def test_sparse_push_runs_only_routed_pairs(tiny_model, batch):
+def test_sparse_backward_runs_only_routed_pairs(tiny_model, batch):
     bank = LoRABank(tiny_model, 3)
     bank.margins(batch)
     sizes = []
@@ -79,8 +80,34 @@ def test_sparse_push_runs_only_routed_pairs(tiny_model, batch):
     grad_h = torch.zeros(6, 3)
     grad_h[[0, 1], 0] = 1.0  # two pairs routed to expert 0, one to expert 2, none to expert 1
     grad_h[4, 2] = -1.0
-    bank.push(batch, grad_h)
+    bank.backward(batch, grad_h, -grad_h)
     assert sizes == [(0, 2), (2, 1)]
+
+
+def test_caches_hold_small_cpu_copies_not_views_of_batches(tiny_model, batch):
+    """Cached reference log-probs and features are CPU tensors owning their own (tiny) storage: a view would pin
+    the whole batch tensor it was cut from, on the device, for the whole run."""
+    bank = LoRABank(tiny_model, 2)
+    bank.margins(batch)
+    for chosen, _ in bank._ref_cache.values():
+        assert chosen.device.type == "cpu" and chosen.untyped_storage().nbytes() == chosen.element_size()
+    for features in bank._feature_cache.values():
+        assert features.untyped_storage().nbytes() == features.numel() * features.element_size()
+    probe = {**batch, "index": -1 - batch["index"]}  # routing probes (negative index) are never cached
+    bank.margins(probe)
+    assert len(bank._ref_cache) == batch["index"].numel()
+
+
+def test_dropout_is_off_for_the_e_step_and_on_for_the_update(tiny_model, batch):
+    """lora_dropout acts in the update's forward only; the no-grad E-step pass is deterministic (eval mode)."""
+    bank = LoRABank(tiny_model, 1, dropout=0.5, init_std=0.5)
+    first, second = bank.margins(batch)["chosen_logps"], bank.margins(batch)["chosen_logps"]
+    assert torch.equal(first, second) and not bank.model.training
+    modes = []
+    original = bank.expert_logps
+    bank.expert_logps = lambda k, b: modes.append(bank.model.training) or original(k, b)
+    bank.backward(batch, torch.ones(6, 1), -torch.ones(6, 1))
+    assert modes == [True]
 
 
 def test_heads_trunk_runs_once_and_matches_full_forward(tiny_model, batch):

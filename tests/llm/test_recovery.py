@@ -6,9 +6,12 @@ user-conditioned gate) for the lora and heads modes; pair scope with the MoE gat
 reveals the type.
 """
 
+import json
+
 import pytest
 
 from moedpo.config import load_config
+from moedpo.data.builtin import bayes_oracle_accuracy, make_builtin_rows
 from moedpo.runs import read_metrics
 from moedpo.training import train
 
@@ -16,9 +19,20 @@ from moedpo.training import train
 def final_eval(tmp_path, name, *overrides):
     cfg = load_config(overrides=[f"train.output_dir={tmp_path / name}", "train.eval_every=0", *overrides])
     rows = read_metrics(train(cfg))
-    import json
-
     return json.loads((tmp_path / name / "report" / "eval.json").read_text())["metrics"], rows
+
+
+def oracle(tmp_path, name, *overrides):
+    """The Bayes oracle's accuracy on the run's own held-out pairs (same world, same split)."""
+    cfg = load_config(overrides=[f"train.output_dir={tmp_path / name}", *overrides])
+    raw = make_builtin_rows(
+        cfg.data.annotators_per_type,
+        cfg.data.pairs_per_annotator,
+        domain_reveals_type=cfg.data.source == "builtin:domain",
+        seed=cfg.train.seed,
+    )
+    held_out = json.loads((tmp_path / name / "report" / "eval.json").read_text())["examples"]
+    return bayes_oracle_accuracy([raw[e["index"]] for e in held_out])
 
 
 @pytest.mark.parametrize(
@@ -34,9 +48,12 @@ def final_eval(tmp_path, name, *overrides):
 def test_user_scope_recovers_types_and_beats_single_dpo(tmp_path, setting):
     mixture, _ = final_eval(tmp_path, "k2", *setting)
     single, _ = final_eval(tmp_path, "k1", *setting, "experts.num_experts=1")
-    print(setting, mixture["eval/ari"], mixture["eval/rewards/accuracies"], single["eval/rewards/accuracies"])
+    best = oracle(tmp_path, "k2", *setting)
+    accuracy = mixture["eval/rewards/accuracies"]
+    print(setting, mixture["eval/ari"], accuracy, single["eval/rewards/accuracies"], "oracle", best)
     assert mixture["eval/ari"] >= 0.8
-    assert mixture["eval/rewards/accuracies"] >= single["eval/rewards/accuracies"] + 0.10
+    assert accuracy >= single["eval/rewards/accuracies"] + 0.10
+    assert accuracy >= best - 0.06  # Bayes oracle 0.905 on this split; the mixture reaches 0.85-0.88 (README)
 
 
 def test_domain_reveals_type_with_input_dependent_gate(tmp_path):
@@ -49,6 +66,7 @@ def test_domain_reveals_type_with_input_dependent_gate(tmp_path):
     ]
     mixture, _ = final_eval(tmp_path, "k2", *domain)
     single, _ = final_eval(tmp_path, "k1", *domain, "experts.num_experts=1")
-    print(mixture["eval/ari"], mixture["eval/rewards/accuracies"], single["eval/rewards/accuracies"])
+    best = oracle(tmp_path, "k2", *domain)
+    print(mixture["eval/ari"], mixture["eval/rewards/accuracies"], single["eval/rewards/accuracies"], "oracle", best)
     assert mixture["eval/ari"] >= 0.8  # the gate routes each domain to its own expert
     assert mixture["eval/rewards/accuracies"] >= single["eval/rewards/accuracies"] + 0.10

@@ -42,8 +42,6 @@ def test_run_directory_contract(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in (
         "loss",
-        "em/elbo",
-        "em/marginal_nll",
         "em/responsibility_entropy",
         "gate/usage_1",
         "expert_1/rewards/chosen",
@@ -54,7 +52,8 @@ def test_run_directory_contract(tmp_path):
         "grad_norm",
     ):
         assert key in rows[-1], key
-    assert "eval/ari" in rows[2] and "eval/expert_1/accuracies" in rows[5]
+    assert "eval/ari" in rows[2] and "eval/expert_1/rewards/accuracies" in rows[5]
+    assert "em/elbo" not in rows[-1] and "em/marginal_nll" not in rows[-1]  # = loss at the exact posterior
     assert load_config(run / "config.yaml").train.max_steps == 6  # the resolved config reloads
 
 
@@ -113,7 +112,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert torch.equal(
-        load_file(reference / "gate.safetensors")["logits"], load_file(resumed / "gate.safetensors")["logits"]
+        load_file(reference / "gate.safetensors")["net.logits"], load_file(resumed / "gate.safetensors")["net.logits"]
     )
     assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 31))
 
@@ -171,3 +170,23 @@ def test_package_level_train_is_the_public_entry_point(tmp_path):
     assert (run / "experts" / "expert_1" / "adapter_config.json").exists()
     with pytest.raises(ConfigError, match="unknown key"):
         moedpo.train(experts__num_expert=2)
+
+
+def test_rows_trl_trains_on_do_not_stop_the_run(tmp_path):
+    """An implicit-prompt row whose rejected answer is a prefix of the chosen one, and a prompt longer than
+    max_length: TRL trains on the first and drops the second. moedpo does the same and reports the count
+    (before: exit on the first one, ``row 1: field 'rejected': empty completion``)."""
+    from moedpo.data.builtin import make_builtin_rows
+
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected", "user_id")} for r in make_builtin_rows(2, 6, seed=2)]
+    rows[1] = {
+        "chosen": "describe the garden : sunny warm day",
+        "rejected": "describe the garden : sunny",
+        "user_id": "x",
+    }
+    rows[2] = {**rows[2], "prompt": "describe the garden " * 12}
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train(config(tmp_path, f"data.source={data}", "data.max_length=24", "train.max_steps=2", "em.scope=pair"))
+    metrics = json.loads((run / "report" / "eval.json").read_text())["metrics"]
+    assert metrics["data/num_dropped"] == 1

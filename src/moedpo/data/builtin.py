@@ -118,3 +118,17 @@ def tiny_causal_lm(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, 
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def true_reward(completion: str, group: str, scale: float = 1.5) -> float:
+    """The planted reward of a completion for an annotator of type ``group``: scale * (#A - #B), signed by type."""
+    words = completion.split()
+    difference = sum(w in A_WORDS for w in words) - sum(w in B_WORDS for w in words)
+    return scale * difference * (1 if group == "bright" else -1)
+
+
+def bayes_oracle_accuracy(rows: list[dict]) -> float:
+    """Held-out accuracy of the Bayes oracle, which knows each annotator's type and reward: it predicts that the
+    response with the higher true reward is chosen (the most any model can reach on these labels)."""
+    right = [true_reward(r["chosen"], r["group"]) > true_reward(r["rejected"], r["group"]) for r in rows]
+    return sum(right) / len(right)

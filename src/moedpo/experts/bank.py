@@ -2,10 +2,10 @@
 
 All banks share one protocol, used by the EM loop's ``forward``:
 
-- :meth:`ExpertBank.margins` — h (B, K) without a graph (all experts, no activations kept), plus the
-  reference log-probs (computed once per example and cached) and pooled prompt features of the frozen base;
-- :meth:`ExpertBank.push` — given d loss / d h (B, K), runs each expert's forward and backward in turn (only on
-  the pairs with a non-zero gradient: sparse routing skips work), so memory does not grow with K.
+- :meth:`ExpertBank.margins` — every expert's sequence log-probs (B, K) without a graph (no activations kept,
+  dropout off), the reference log-probs (computed once per example and cached) and pooled prompt features;
+- :meth:`ExpertBank.backward` — given d loss / d log-probs (B, K), runs each expert's forward and backward in
+  turn (only on the pairs with a non-zero gradient: sparse routing skips work), so memory does not grow with K.
 
 Modes: :class:`LoRABank` (K PEFT LoRA adapters on one base), :class:`HeadsBank` (shared frozen trunk run once
 per batch; each expert owns LoRA on the top layers), :class:`IndependentBank` (K full models).
@@ -18,7 +18,6 @@ import contextlib
 import torch
 
 from moedpo.experts.logprobs import pooled_prompt_features, sequence_logps
-from moedpo.losses.dpo import margins as dpo_margins
 
 
 def select_pairs(batch: dict, rows: torch.Tensor) -> dict:
@@ -72,52 +71,78 @@ class ExpertBank:
 
     @torch.no_grad()
     def reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ref_chosen_logps, ref_rejected_logps) (B,) or (B, K), and prompt features (B, D); cached per example."""
+        """(ref_chosen_logps, ref_rejected_logps) (B,) or (B, K), and prompt features (B, D); cached per example.
+
+        The cache holds small CPU copies keyed by ``batch["index"]`` (no views that would pin whole batches on the
+        device); examples with a negative index (routing probes) are never cached.
+        """
         index = batch["index"].tolist()
-        if any(i not in self._ref_cache for i in index):
+        cacheable = all(i >= 0 for i in index)
+        if not cacheable or any(i not in self._ref_cache for i in index):
+            self.eval_mode()
             with self.autocast():
                 logps, features = self.reference_pass(batch)
             chosen, rejected = logps.float().chunk(2)
+            features = features[: len(index)].float()  # chosen half: the prompt's features
+            if not cacheable:
+                return chosen, rejected, features
             for j, i in enumerate(index):
-                self._ref_cache[i] = (chosen[j], rejected[j])
-                self._feature_cache[i] = features[j]  # chosen half: the prompt's features
-        chosen = torch.stack([self._ref_cache[i][0] for i in index])
-        rejected = torch.stack([self._ref_cache[i][1] for i in index])
-        return chosen, rejected, torch.stack([self._feature_cache[i] for i in index])
+                self._ref_cache[i] = (chosen[j].cpu().clone(), rejected[j].cpu().clone())
+                self._feature_cache[i] = features[j].cpu().clone()
+        chosen = torch.stack([self._ref_cache[i][0] for i in index]).to(self.device)
+        rejected = torch.stack([self._ref_cache[i][1] for i in index]).to(self.device)
+        return chosen, rejected, torch.stack([self._feature_cache[i] for i in index]).to(self.device)
 
     @torch.no_grad()
     def margins(self, batch: dict) -> dict:
-        """h (B, K) and the log-probs behind it, with no graph: {"h", "chosen_logps", "rejected_logps", ...}."""
+        """Every expert's log-probs on the batch, with no graph (the E-step pass, dropout off):
+        {"chosen_logps", "rejected_logps": (B, K), "ref_chosen_logps", "ref_rejected_logps": (B,) or (B, K),
+        "chosen_lengths", "rejected_lengths": (B,) completion tokens, "features": (B, D) pooled prompt states}."""
         batch = self.to_device(batch)
         ref_chosen, ref_rejected, features = self.reference(batch)
+        self.eval_mode()
         with self.autocast():
             logps = torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)
         chosen, rejected = logps.chunk(2)  # (B, K) each
-        h = dpo_margins(chosen, rejected, ref_chosen, ref_rejected)
+        lengths = batch["completion_mask"].sum(-1).float()
         return {
-            "h": h,
             "chosen_logps": chosen,
             "rejected_logps": rejected,
             "ref_chosen_logps": ref_chosen,
             "ref_rejected_logps": ref_rejected,
+            "chosen_lengths": lengths[: chosen.shape[0]],
+            "rejected_lengths": lengths[chosen.shape[0] :],
             "features": features,
         }
 
-    def push(self, batch: dict, grad_h: torch.Tensor) -> None:
-        """Backpropagate d loss / d h (B, K) into the experts, one expert's forward+backward at a time."""
+    def backward(self, batch: dict, grad_chosen: torch.Tensor, grad_rejected: torch.Tensor) -> None:
+        """Backpropagate d loss / d log-probs (B, K) into the experts, one expert's forward+backward at a time
+        (train mode: configured dropout is active), only on the pairs whose gradient is non-zero."""
         batch = self.to_device(batch)
-        ref_chosen, ref_rejected, _ = self.reference(batch)
+        grad = torch.cat([grad_chosen, grad_rejected]).to(self.device)  # (2B, K), rows as in the batch
+        num_pairs = grad_chosen.shape[0]
+        self.train_mode()
         for k in range(self.num_experts):
-            rows = torch.nonzero(grad_h[:, k]).squeeze(-1)
+            rows = torch.nonzero((grad_chosen[:, k] != 0) | (grad_rejected[:, k] != 0)).squeeze(-1).to(self.device)
             if rows.numel() == 0:
                 continue  # sparse routing: expert k got no pair
-            sub = batch if rows.numel() == grad_h.shape[0] else select_pairs(batch, rows)
+            sub = batch if rows.numel() == num_pairs else select_pairs(batch, rows)
             with self.autocast():
-                chosen, rejected = self.expert_logps(k, sub).float().chunk(2)
-            rc = ref_chosen[rows] if ref_chosen.dim() == 1 else ref_chosen[rows, k]
-            rr = ref_rejected[rows] if ref_rejected.dim() == 1 else ref_rejected[rows, k]
-            h_k = (chosen - rc) - (rejected - rr)
-            h_k.backward(grad_h[rows, k].to(h_k.dtype))
+                logps = self.expert_logps(k, sub).float()  # (2B',)
+            logps.backward(grad[torch.cat([rows, rows + num_pairs]), k].to(logps.dtype))
+
+    def train_mode(self) -> None:
+        """Dropout on for the update's forward (only what the config left in: ``disable_dropout``)."""
+        for module in self.modules():
+            module.train()
+
+    def eval_mode(self) -> None:
+        """Dropout off for no-grad passes: the E-step and the reference."""
+        for module in self.modules():
+            module.eval()
+
+    def modules(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
 
 
 def _distinct_lora_init(model, adapter_names, init_std: float, seed: int) -> None:
@@ -191,6 +216,9 @@ class LoRABank(ExpertBank):
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self._trainable
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
 
     def _logps(self, batch, **kwargs):
         return sequence_logps(

@@ -141,6 +141,9 @@ class IndependentBank(ExpertBank):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {f"expert_{k}.{n}": p for k, e in enumerate(self.experts) for n, p in e.named_parameters()}
 
+    def modules(self) -> list[nn.Module]:
+        return list(self.experts)  # the reference stays in eval mode
+
     def expert_logps(self, k: int, batch: dict) -> torch.Tensor:
         return sequence_logps(self.experts[k], batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
 

@@ -37,7 +37,10 @@ class TabularExperts(nn.Module):
         """pi_k(y|x): (K, P, R)."""
         return torch.softmax(self.logits, -1)
 
-    def margins(self, prompt: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-        """DPO margins h (B, K) of pairs given as prompt, chosen and rejected response indices (B,)."""
+    def margins(self, prompt, chosen: torch.Tensor | None = None, rejected: torch.Tensor | None = None):
+        """DPO margins h (B, K) of pairs given as prompt, chosen and rejected response indices (B,), or as one
+        object with those attributes (:class:`~moedpo.data.synthetic.TabularPairs`, what the EM loop passes)."""
+        if chosen is None:
+            prompt, chosen, rejected = prompt.prompt, prompt.chosen, prompt.rejected
         logps = torch.log_softmax(self.logits, -1) - self.ref_logps  # (K, P, R) log-ratios
         return (logps[:, prompt, chosen] - logps[:, prompt, rejected]).T  # (B, K)

@@ -1,26 +1,38 @@
-"""Inference: E-step posteriors, Pyro objectives, gate M-step and the VariationalEM loop."""
+"""Inference: the exact E-step of any latent preference model, Pyro objectives and the VariationalEM loop."""
 
-from moedpo.inference.em import SCHEDULES, VariationalEM, anneal_temperature
+from moedpo.inference.em import SCHEDULES, EStep, VariationalEM, e_step
 from moedpo.inference.estep import (
+    Posterior,
+    expected_log_joint,
     latent_frames,
+    log_joint,
     map_assignment,
     marginal_nll,
     plate_nesting,
+    posterior,
     posterior_marginals,
+    sample_posterior,
 )
-from moedpo.inference.objectives import em_loss, gate_cross_entropy, marginal_loss, relaxed_loss
+from moedpo.inference.objectives import em_loss, gate_cross_entropy, marginal_loss, relaxed_loss, sampled_loss
 
 __all__ = [
     "SCHEDULES",
+    "EStep",
+    "Posterior",
     "VariationalEM",
-    "anneal_temperature",
+    "e_step",
     "em_loss",
+    "expected_log_joint",
     "gate_cross_entropy",
     "latent_frames",
+    "log_joint",
     "map_assignment",
     "marginal_loss",
     "marginal_nll",
     "plate_nesting",
+    "posterior",
     "posterior_marginals",
     "relaxed_loss",
+    "sample_posterior",
+    "sampled_loss",
 ]

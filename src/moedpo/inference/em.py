@@ -1,53 +1,89 @@
-"""The variational EM loop (Mix-/MoE-DPO, arXiv 2510.08256, Alg. 1), one readable ``step()``.
+"""The variational EM loop (Mix-/MoE-DPO, arXiv 2510.08256, Alg. 1): one readable ``step()``.
 
-``VariationalEM`` never sees an LLM. It takes ``forward(batch) -> dict`` that returns
+``VariationalEM`` never sees an LLM. It talks to two objects:
 
-- ``"h"``: expert margins (B, K) (with a graph to the experts, or detached plus a ``"backward"`` callable
-  that pushes d loss / d h into the experts one expert at a time, so memory does not grow with K);
-- ``"gate_logits"``: (B, K) in pair scope, (U, K) in user scope;
-- any other entries: keyword arguments for the latent model and guide (``user_index``, ``features``...).
+- ``experts.margins(batch)``: the experts' margins, either a tensor h (B, K) with a graph to the experts, or a
+  dict with ``chosen_logps`` / ``rejected_logps`` (B, K), the reference log-probs (B,) or (B, K) and optionally
+  ``chosen_lengths`` / ``rejected_lengths`` (B,). Without a graph, ``experts.backward(batch, d_chosen,
+  d_rejected)`` pushes d loss / d log-probs into the experts (one expert at a time, so memory does not grow
+  with K); ``experts.num_experts`` is K.
+- ``gate(batch, margins)``: the gate's logits, (B, K) in pair scope, (U, K) in user scope, or a tuple
+  (logits, extra keyword arguments for the latent model, e.g. ``user_index``).
 
-Schedules:
+Schedules (each M-step objective is a sum over pairs, divided by the *global* number of pairs of the step, and
+gradients are summed over processes: any split of a batch into processes or accumulation steps, even or not,
+gives the update of one big batch):
 
-- ``em``: E-step exact posterior q (Pyro enumeration), M-step -E_q[log p(y, z)]: weighted DPO on the
-  experts (q detached) plus the gate's cross-entropy to q; ``m_steps`` updates reuse one E-step, and a
-  :class:`~moedpo.models.FixedGate` may take the closed-form update w = mean q.
-- ``svi``: gradient of the exact marginal likelihood (no guide) or of an amortized guide's ELBO.
-- ``gumbel``: Monte Carlo ELBO with straight-through Gumbel-Softmax z (sparse: only the sampled expert gets a
-  gradient) and an annealed temperature; q is the guide's (``"guide_logits"``) or the exact posterior.
+- ``em``: exact E-step (:func:`~moedpo.inference.estep.posterior`), then ``m_steps`` updates of
+  -E_q[log p(obs, z)] with q fixed: weighted DPO for the experts, cross-entropy to q for the gate. With
+  ``loss_type`` ipo / hinge / robust the experts' term is the q-weighted TRL loss instead.
+- ``svi``: gradient of the exact marginal likelihood (no guide) or of a guide's ELBO.
+- ``gumbel``: one exact posterior draw of z (the forward of a straight-through Gumbel-Softmax at any
+  temperature), then -log p(obs, z): only the drawn experts get a gradient (sparse top-1 updates).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from moedpo.inference.estep import marginal_nll, plate_nesting, posterior_marginals
-from moedpo.inference.objectives import em_loss, marginal_loss, relaxed_loss
+from moedpo.inference.estep import Posterior, expected_log_joint, plate_nesting, posterior, sample_posterior
+from moedpo.inference.objectives import em_loss, marginal_loss, sampled_loss
 from moedpo.losses.anticollapse import load_balance_loss, usage_entropy_penalty
-from moedpo.models.bt import mixture_bt_model, relaxed_bt_model
+from moedpo.losses.dpo import LOSS_TYPES, dpo_loss, log_likelihood
+from moedpo.models.bt import mixture_bt_model
 from moedpo.models.gates import FixedGate
-from moedpo.models.guides import RelaxedGuide
 
 SCHEDULES = ("em", "svi", "gumbel")
+PER_EXPERT = (
+    "em/expert_usage",
+    "gate/usage",
+    "rewards/margins",
+    "rewards/accuracies_per_expert",
+    "rewards/chosen",
+    "rewards/rejected",
+)
 
 
-def anneal_temperature(step: int, start: float, end: float, steps: int) -> float:
-    """Geometric annealing from ``start`` to ``end`` over ``steps`` steps, constant afterwards."""
-    if steps <= 0 or step >= steps:
-        return end
-    return start * math.exp(step / steps * math.log(end / start))
+@dataclass
+class EStep:
+    """What the E-step knows about one micro-batch (detached)."""
+
+    post: Posterior
+    gate_q: torch.Tensor  # (units, K): posterior of the latent whose prior is the gate
+    pair_q: torch.Tensor  # (B, K): responsibilities, P(expert k labelled pair i | data)
+    draw: dict | None = None  # gumbel: one joint posterior draw of the latents
+
+
+def e_step(model, args, kwargs, beta: float, label_smoothing: float, nesting: int, draw: bool = False) -> EStep:
+    """Exact posterior of a batch; responsibilities and the gate latent's posterior by differentiating E_q[log p].
+
+    ``args`` = (h, gate_logits, beta, obs). dE/dh_ik = r_ik * d log p(y_i | expert k) / dh_ik gives the
+    responsibilities r; dE/dg_uk = q_uk - w_uk (g: logits of a categorical prior) gives the gate latent's q.
+    Used by training, evaluation and routing alike.
+    """
+    post = posterior(model, *args, max_plate_nesting=nesting, **kwargs)
+    h, g = (a.detach().double().requires_grad_(True) for a in args[:2])
+    rest = (args[2], args[3].double())
+    with torch.enable_grad():
+        expected = expected_log_joint(model, _cast(post), h, g, *rest, max_plate_nesting=nesting, **kwargs)
+        dh, dg = torch.autograd.grad(expected, [h, g], allow_unused=True)
+        slope = torch.autograd.grad(log_likelihood(h, beta, label_smoothing).sum(), h)[0]
+    pair_q = torch.where(slope > 0, (dh if dh is not None else 0 * h) / slope.clamp_min(1e-300), 0.0)
+    gate_q = torch.softmax(g, -1) + (dg if dg is not None else 0.0)
+    sample = sample_posterior(model, *args, max_plate_nesting=nesting, **kwargs) if draw else None
+    dtype = args[0].dtype
+    return EStep(post, gate_q.detach().clamp(0, 1).to(dtype), pair_q.detach().clamp(0, 1).to(dtype), sample)
 
 
 class VariationalEM:
-    """Fit experts and gate by variational EM; ``step(batch)`` returns the mean per-pair loss as a float."""
+    """Fit experts and gate by variational EM; ``step(*micro_batches)`` returns the mean per-pair loss."""
 
     def __init__(
         self,
-        forward: Callable[[Any], Mapping[str, Any]],
+        experts,
+        gate,
         optimizer: torch.optim.Optimizer,
         *,
         beta: float,
@@ -56,127 +92,236 @@ class VariationalEM:
         guide=None,
         max_plate_nesting: int | None = None,
         m_steps: int = 1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
         closed_form_gate: FixedGate | None = None,
         gate_momentum: float = 0.0,
-        relaxed_model=relaxed_bt_model,
-        straight_through: bool = True,
-        temperature: tuple[float, float, int] = (1.0, 0.1, 1000),
         load_balance: float = 0.0,
         usage_entropy: float = 0.0,
-        label_smoothing: float = 0.0,
         clip_grad_norm: float | None = None,
         lr_scheduler=None,
         sync=None,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-        self.forward, self.optimizer, self.beta = forward, optimizer, beta
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+        if loss_type != "sigmoid" and schedule != "em":
+            raise ValueError(f"loss_type={loss_type!r} needs schedule='em' (the q-weighted TRL loss)")
+        if m_steps < 1:
+            raise ValueError(f"m_steps must be >= 1, got {m_steps}")
+        self.experts, self.gate, self.optimizer, self.beta = experts, gate, optimizer, beta
         self.model, self.schedule, self.guide = model, schedule, guide
         self.max_plate_nesting = plate_nesting(model, max_plate_nesting)
-        self.m_steps, self.closed_form_gate, self.gate_momentum = m_steps, closed_form_gate, gate_momentum
-        self.relaxed_model, self.relaxed_guide = relaxed_model, RelaxedGuide(straight_through)
-        self.temperature = temperature
+        self.m_steps, self.loss_type, self.label_smoothing = m_steps, loss_type, label_smoothing
+        self.closed_form_gate, self.gate_momentum = closed_form_gate, gate_momentum
         self.load_balance, self.usage_entropy = load_balance, usage_entropy
-        self.label_smoothing, self.clip_grad_norm, self.lr_scheduler = label_smoothing, clip_grad_norm, lr_scheduler
+        self.clip_grad_norm, self.lr_scheduler = clip_grad_norm, lr_scheduler
         self.sync = sync  # moedpo.distributed.DataParallel: sums across processes (None: one process)
         self.num_steps = 0
         self.metrics: dict[str, float] = {}
 
-    # -- one batch -------------------------------------------------------------------------------------------
-    def backward(self, batch, loss_scale: float = 1.0, marginals: dict | None = None) -> dict:
-        """Forward, objective and backward for one (micro-)batch; gradients accumulate. Returns its E-step."""
-        out = dict(self.forward(batch))
-        h, gate_logits, push = out.pop("h"), out.pop("gate_logits"), out.pop("backward", None)
-        if push is not None:
-            h = h.detach().requires_grad_(True)
-        obs = out.pop("obs", None)
-        obs = torch.ones(h.shape[0], dtype=h.dtype, device=h.device) if obs is None else obs
-        args, kwargs = (h, gate_logits, self.beta, obs), {"label_smoothing": self.label_smoothing, **out}
-        loss, marginals = self._objective(args, kwargs, marginals)
-        num_pairs = h.shape[0]
-        total = loss / num_pairs
-        if self.load_balance:
-            total = total + self.load_balance * load_balance_loss(gate_logits)
-        if self.usage_entropy:
-            total = total + self.usage_entropy * usage_entropy_penalty(gate_logits)
-        (total * loss_scale).backward()
-        if push is not None:
-            push(h.grad)
-        self._record(loss.detach() / num_pairs, marginals, gate_logits.detach(), args, kwargs)
-        return marginals
-
-    def _objective(self, args, kwargs, marginals):
-        nesting = self.max_plate_nesting
-        if self.schedule == "em":
-            return em_loss(self.model, *args, max_plate_nesting=nesting, marginals=marginals, **kwargs)
-        posterior = posterior_marginals(self.model, *args, max_plate_nesting=nesting, **kwargs)
-        if self.schedule == "svi":
-            return marginal_loss(self.model, self.guide, *args, max_plate_nesting=nesting, **kwargs), posterior
-        tau = anneal_temperature(self.num_steps, *self.temperature)
-        if "guide_logits" not in kwargs:
-            num_experts = args[0].shape[-1]
-            kwargs = {**kwargs, "guide_logits": posterior["z"].clamp_min(1e-30).log().reshape(-1, num_experts)}
-        loss = relaxed_loss(self.relaxed_model, self.relaxed_guide, *args, temperature=tau, **kwargs)
-        return loss, posterior
-
-    def _record(self, loss, marginals, gate_logits, args, kwargs):
-        q = marginals["z"].reshape(-1, marginals["z"].shape[-1])  # (units, K)
-        entropy = -(torch.special.xlogy(q, q)).sum(-1).mean()
-        if self.schedule == "em" or (self.schedule == "svi" and self.guide is None):
-            nll = float(loss)  # the loss at the exact posterior is the marginal NLL
-        else:
-            nll = marginal_nll(self.model, *args, max_plate_nesting=self.max_plate_nesting, **kwargs)
-            nll /= args[0].shape[0]
-        usage = torch.softmax(gate_logits.reshape(-1, gate_logits.shape[-1]), -1).mean(0)
-        self.metrics = {"loss": float(loss), "em/marginal_nll": nll, "em/elbo": -float(loss)}
-        self.metrics["em/responsibility_entropy"] = float(entropy)
-        self.metrics.update({f"em/expert_usage_{k}": float(v) for k, v in enumerate(q.mean(0))})
-        self.metrics.update({f"gate/usage_{k}": float(v) for k, v in enumerate(usage)})
-        self._last_q = q
-
-    # -- one optimisation step -----------------------------------------------------------------------------
+    # -- one optimisation step: read this first ------------------------------------------------------------
     def step(self, *micro_batches) -> float:
-        """One E-step and ``m_steps`` M-step updates; several micro-batches accumulate into one update.
-
-        Returns the mean per-pair loss (averaged over micro-batches); ``self.metrics`` holds the rest.
-        """
-        marginals = [None] * len(micro_batches)
-        for _ in range(self.m_steps):
+        """margins -> gate -> E-step -> M-step -> expert update -> optimizer (x m_steps) -> gate -> schedule."""
+        batches = [b for b in micro_batches if b is not None and _num_pairs(b) > 0]  # empty shards: no work
+        total = self._global_sum(sum(_num_pairs(b) for b in batches))
+        if total == 0:
+            raise ValueError("the global batch has no pairs")
+        e_steps: list[EStep | None] = [None] * len(batches)
+        records = []
+        for update in range(self.m_steps):
             self.optimizer.zero_grad(set_to_none=True)
-            records, qs = [], []
-            for i, batch in enumerate(micro_batches):
-                reuse = marginals[i] if self.schedule == "em" else None
-                marginals[i] = self.backward(batch, loss_scale=1 / len(micro_batches), marginals=reuse)
-                records.append(self.metrics)
-                qs.append(self._last_q)
-            self.metrics = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
-            self.apply_gradients()
-        self.update_gate(torch.cat(qs))
+            for i, batch in enumerate(batches):
+                out = _as_dict(self.experts.margins(batch))  # margins (B, K)
+                h, leaves = _margins_with_leaves(out)
+                gate_logits, extra = _gate_output(self.gate(batch, out))  # gate
+                args = (h, gate_logits, self.beta, torch.ones(h.shape[0], dtype=h.dtype, device=h.device))
+                kwargs = {"label_smoothing": self.label_smoothing, **extra}
+                if e_steps[i] is None:
+                    e_steps[i] = self.e_step(args, kwargs)  # E-step (once; reused by later M-steps)
+                loss = self.m_step_loss(e_steps[i], out, args, kwargs)  # M-step: a sum over the pairs
+                (loss / total).backward()
+                if leaves:  # expert update: margins came without a graph; the experts backpropagate
+                    self.experts.backward(batch, *(leaf.grad for leaf in leaves))
+                if update == 0:
+                    records.append(self._record(e_steps[i], out, h, gate_logits))
+            self.apply_gradients()  # optimizer
+        self.update_gate([e.gate_q for e in e_steps])  # closed-form Mix-DPO proportions
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()  # schedule: once per EM step, whatever m_steps is
         self.num_steps += 1
+        self.metrics = self._summarise(records, total)
         return self.metrics["loss"]
 
+    # -- the pieces ----------------------------------------------------------------------------------------------
+    def e_step(self, args, kwargs) -> EStep:
+        return e_step(
+            self.model, args, kwargs, self.beta, self.label_smoothing, self.max_plate_nesting, self.schedule == "gumbel"
+        )
+
+    def m_step_loss(self, e: EStep, out: dict, args, kwargs) -> torch.Tensor:
+        """The schedule's objective for one micro-batch, summed over its pairs."""
+        nesting = self.max_plate_nesting
+        if self.schedule == "em":
+            loss, _ = em_loss(self.model, *args, max_plate_nesting=nesting, post=e.post, **kwargs)
+        elif self.schedule == "svi":
+            loss = marginal_loss(self.model, self.guide, *args, max_plate_nesting=nesting, **kwargs)
+        else:
+            loss = sampled_loss(self.model, e.draw, *args, max_plate_nesting=nesting, **kwargs)
+        if self.loss_type != "sigmoid":  # swap the BT term of the experts for the q-weighted TRL loss
+            h = args[0]
+            loss = loss + self._loss_type_shift(e, out, h)
+        gate_logits, num_pairs = args[1], args[0].shape[0]
+        if self.load_balance:
+            loss = loss + num_pairs * self.load_balance * load_balance_loss(gate_logits)
+        if self.usage_entropy:
+            loss = loss + num_pairs * self.usage_entropy * usage_entropy_penalty(gate_logits)
+        return loss
+
+    def _loss_type_shift(self, e: EStep, out: dict, h: torch.Tensor) -> torch.Tensor:
+        """sum_ik r_ik [loss_type(h_ik) + log sigmoid(beta h_ik)]: added to -E_q[log p], it replaces the experts'
+        Bradley-Terry term by the q-weighted TRL loss (K = 1: exactly TRL's loss)."""
+        expert_loss = dpo_loss(_loss_margins(out, h, self.loss_type), self.beta, self.loss_type, self.label_smoothing)
+        return (e.pair_q * (expert_loss + log_likelihood(h, self.beta, self.label_smoothing))).sum()
+
     def apply_gradients(self) -> None:
-        """Average gradients over processes, clip, step the optimizer and the learning-rate schedule."""
+        """Sum gradients over processes, clip, step the optimizer."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.sync is not None:
-            self.sync.average_gradients(params)
+            self.sync.sum_gradients(params)
         if self.clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-            self.metrics["grad_norm"] = float(grad_norm)
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
         self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
 
-    def update_gate(self, q: torch.Tensor) -> None:
-        """Closed-form Mix-DPO gate M-step: w <- momentum * w + (1 - momentum) * mean q."""
+    def update_gate(self, gate_qs: list[torch.Tensor]) -> None:
+        """Closed-form Mix-DPO gate M-step: w <- momentum * w + (1 - momentum) * mean over latent units of q."""
         if self.closed_form_gate is None:
             return
+        logits = self.closed_form_gate.logits
         with torch.no_grad():
-            total, count = q.sum(0, keepdim=True), torch.tensor(float(q.shape[0]), device=q.device)
+            total = sum((q.reshape(-1, q.shape[-1]).sum(0) for q in gate_qs), torch.zeros_like(logits))
+            count = torch.tensor(float(sum(q.reshape(-1, q.shape[-1]).shape[0] for q in gate_qs)), device=logits.device)
             if self.sync is not None:  # the mean over every process's latent units
                 total, count = self.sync.sum(total), self.sync.sum(count)
             target = total / count
             if self.gate_momentum:
-                old = torch.softmax(self.closed_form_gate.logits, -1)
-                target = self.gate_momentum * old + (1 - self.gate_momentum) * target
-            self.closed_form_gate.set_proportions(target)
+                target = self.gate_momentum * torch.softmax(logits, -1) + (1 - self.gate_momentum) * target
+            self.closed_form_gate.set_proportions(target.unsqueeze(0))
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+    def _record(self, e: EStep, out: dict, h: torch.Tensor, gate_logits: torch.Tensor) -> dict:
+        """Sums over this micro-batch's pairs (or latent units) of what the step logs."""
+        h = h.detach().float()
+        correction = float(self._loss_type_shift(e, _detach(out), h)) if self.loss_type != "sigmoid" else 0.0
+        q = e.gate_q.reshape(-1, e.gate_q.shape[-1]).float()
+        prior = torch.softmax(gate_logits.detach().float().reshape(-1, gate_logits.shape[-1]), -1)
+        record = {
+            "pairs": h.shape[0],
+            "units": q.shape[0],
+            "loss": -float(e.post.log_evidence) + correction,
+            "em/marginal_nll": -float(e.post.log_evidence),
+            "em/responsibility_entropy": float(-(torch.special.xlogy(q, q)).sum()),
+            "rewards/accuracies": float((e.pair_q.float() * (h > 0).float()).sum()),
+            "em/expert_usage": q.sum(0).cpu(),
+            "gate/usage": prior.sum(0).cpu(),
+            "rewards/margins": self.beta * h.sum(0).cpu(),
+            "rewards/accuracies_per_expert": (h > 0).float().sum(0).cpu(),
+        }
+        if "chosen_logps" in out:
+            chosen, rejected = _log_ratios(_detach(out))
+            record["rewards/chosen"] = self.beta * chosen.float().sum(0).cpu()
+            record["rewards/rejected"] = self.beta * rejected.float().sum(0).cpu()
+        return record
+
+    def _summarise(self, records: list[dict], total: float) -> dict:
+        """Step metrics: the loss over every process's pairs; the rest over this process's micro-batches."""
+        loss = self._global_sum(sum(r["loss"] for r in records))
+        metrics = {"loss": loss / total}
+        if self.loss_type != "sigmoid":
+            metrics["em/marginal_nll"] = self._global_sum(sum(r["em/marginal_nll"] for r in records)) / total
+        if self.clip_grad_norm is not None:
+            metrics["grad_norm"] = self.grad_norm
+        if not records:
+            return metrics
+        pairs, units = sum(r["pairs"] for r in records), sum(r["units"] for r in records)
+        metrics["rewards/accuracies"] = sum(r["rewards/accuracies"] for r in records) / pairs
+        metrics["em/responsibility_entropy"] = sum(r["em/responsibility_entropy"] for r in records) / units
+        per_unit = {"em/expert_usage": units, "gate/usage": units}
+        for key in PER_EXPERT:
+            if key not in records[0]:
+                continue
+            values = sum(r[key] for r in records) / per_unit.get(key, pairs)
+            for k, value in enumerate(values.tolist()):
+                metrics[_expert_key(key, k)] = value
+        return metrics
+
+    def _global_sum(self, value: float) -> float:
+        if self.sync is None:
+            return float(value)
+        return float(self.sync.sum(torch.tensor(float(value), dtype=torch.float64)))
+
+
+def _expert_key(key: str, k: int) -> str:
+    if key in ("em/expert_usage", "gate/usage"):
+        return f"{key}_{k}"
+    if key == "rewards/accuracies_per_expert":
+        return f"expert_{k}/rewards/accuracies"
+    return f"expert_{k}/{key}"
+
+
+def _num_pairs(batch) -> int:
+    if isinstance(batch, dict) and "index" in batch:
+        return int(batch["index"].shape[0])
+    return int(len(batch))
+
+
+def _as_dict(out) -> dict:
+    return {"h": out} if isinstance(out, torch.Tensor) else dict(out)
+
+
+def _gate_output(out) -> tuple[torch.Tensor, dict]:
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def _margins_with_leaves(out: dict):
+    """h (B, K) and the leaf tensors the experts' backward needs (none when h already has a graph)."""
+    if "h" in out:
+        return out["h"], []
+    chosen, rejected = out["chosen_logps"], out["rejected_logps"]
+    leaves = []
+    if not chosen.requires_grad:
+        chosen, rejected = chosen.detach().requires_grad_(True), rejected.detach().requires_grad_(True)
+        out["chosen_logps"], out["rejected_logps"] = chosen, rejected
+        leaves = [chosen, rejected]
+    chosen_ratio, rejected_ratio = _log_ratios(out)
+    return chosen_ratio - rejected_ratio, leaves
+
+
+def _log_ratios(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_k / pi_ref(k) of chosen and rejected: (B, K) each (a shared reference (B,) broadcasts)."""
+    ref_c, ref_r = out["ref_chosen_logps"], out["ref_rejected_logps"]
+    if ref_c.dim() == 1:
+        ref_c, ref_r = ref_c.unsqueeze(-1), ref_r.unsqueeze(-1)
+    return out["chosen_logps"] - ref_c, out["rejected_logps"] - ref_r
+
+
+def _loss_margins(out: dict, h: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The margin a TRL loss reads: h, or for ``ipo`` the log-ratios averaged per completion token."""
+    if loss_type != "ipo":
+        return h
+    if "chosen_lengths" not in out:
+        raise ValueError("loss_type='ipo' needs chosen_lengths / rejected_lengths (completion tokens) from the experts")
+    chosen, rejected = _log_ratios(out)
+    n_c = out["chosen_lengths"].clamp_min(1).unsqueeze(-1).to(chosen.dtype)
+    n_r = out["rejected_lengths"].clamp_min(1).unsqueeze(-1).to(rejected.dtype)
+    return chosen / n_c - rejected / n_r
+
+
+def _detach(out: dict) -> dict:
+    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+def _cast(post: Posterior) -> Posterior:
+    factors = {k: v.double() for k, v in post.factors.items()}
+    return Posterior(post.marginals, factors, post.log_evidence, post.entropy)

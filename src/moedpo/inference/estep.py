@@ -1,21 +1,38 @@
-"""E-step: the posterior over experts, in closed form or from any latent preference model via Pyro.
+"""E-step: the exact posterior of any latent preference model, by differentiating Pyro's enumerated evidence.
 
-For the built-in models the exact posterior is :func:`moedpo.losses.responsibilities` (pair scope) or
-:func:`moedpo.losses.user_responsibilities` (user scope). For any model, :func:`posterior_marginals` gets
-the exact marginals from Pyro's enumerated likelihood by differentiation: tilting a latent's logits by t,
-d log p(obs) / d t = q_posterior - p_prior at t = 0. (``TraceEnum_ELBO.compute_marginals`` does the same
-contraction but fails on plates of size one, i.e. a batch of one pair or one user.) :func:`map_assignment`
-runs ``infer_discrete``.
+A latent preference model is any Pyro program with discrete latents marked for enumeration (see
+:mod:`moedpo.models.bt`). Its joint is a product of factors, one per sample site (latent or observed); each
+factor's log-probability is a tensor over the site's plates and the enumerated values of the latents it reads.
+Adding a zero *tilt* t_s to every factor and differentiating the evidence gives, for each factor, the
+posterior marginal of exactly the latents it reads (its clique):
+
+    d log p(obs) / d t_s = scale_s * P(latents in factor s | obs)
+
+From these clique marginals :func:`posterior` returns
+
+- ``marginals``: each latent site's own posterior, (plate dims..., K) — the responsibilities;
+- ``factors``: every site's clique posterior, shaped like its enumerated log-probability;
+- ``log_evidence``: log p(obs), summed over the batch.
+
+:func:`expected_log_joint` is the EM M-step objective E_q[log p(obs, z; theta)] with q the clique marginals
+(exact for nested latents, e.g. a user-level type and a pair-level expert, where products of per-site
+marginals would not be). Under a subsampled plate the scale N/b multiplies both the tilt gradient and the
+factor; the marginals are divided by it. :func:`sample_posterior` draws one joint assignment of the latents
+(``infer_discrete``), for sparse top-1 updates. (``TraceEnum_ELBO.compute_marginals`` fails on plates of size
+one, a batch of one pair or one user, and gives no clique marginals; this route has neither problem.)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.infer import TraceEnum_ELBO, config_enumerate, infer_discrete
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
 from moedpo.models.guides import empty_guide
 
@@ -26,53 +43,118 @@ def plate_nesting(model, max_plate_nesting: int | None) -> int:
     if value is None:
         raise ValueError(
             f"pass max_plate_nesting for {getattr(model, '__name__', model)!r}: the number of nested plates "
-            "its sample sites sit in (1 for one 'pairs' plate, 2 for users x pairs)"
+            "its sample sites sit in (1 for one 'pairs' plate, 2 for users x pairs), or set "
+            "`model.max_plate_nesting = N` on the function"
         )
     return value
 
 
-def _latent_sites(model, args, kwargs, max_plate_nesting: int) -> dict:
-    """Trace ``model`` with enumeration; return its enumerated sample sites by name."""
-    enum_model = poutine.enum(config_enumerate(model), first_available_dim=-max_plate_nesting - 1)
-    with torch.no_grad():
-        trace = poutine.trace(enum_model).get_trace(*args, **kwargs)
+@dataclass
+class Posterior:
+    """The exact posterior of one batch under a latent preference model (everything detached)."""
+
+    marginals: dict[str, torch.Tensor]  # latent site -> (plate dims..., K)
+    factors: dict[str, torch.Tensor]  # every sample site -> clique marginal, shaped like its log_prob
+    log_evidence: torch.Tensor  # scalar: log p(obs) of the batch
+    entropy: torch.Tensor  # scalar: H(q) = log p(obs) - E_q[log p(obs, z)] (the ELBO's entropy term)
+
+
+def _enumerated(model, nesting: int):
+    return poutine.enum(config_enumerate(model), first_available_dim=-nesting - 1)
+
+
+def _trace(model, nesting: int, args, kwargs) -> pyro.poutine.Trace:
+    trace = poutine.trace(_enumerated(model, nesting)).get_trace(*args, **kwargs)
+    trace.compute_log_prob()
+    return trace
+
+
+def _sample_sites(trace) -> dict:
     return {
-        name: site
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and site["infer"].get("enumerate")
+        name: site for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)
     }
 
 
-def latent_frames(model, args, kwargs, max_plate_nesting: int) -> dict[str, list[tuple[str, int, int]]]:
-    """The enumerated (discrete latent) sites of ``model`` and the plates (name, size, dim) each sits in."""
-    sites = _latent_sites(model, args, kwargs, max_plate_nesting)
-    return {
-        name: [(f.name, f.size, f.dim) for f in site["cond_indep_stack"] if f.vectorized]
-        for name, site in sites.items()
-    }
+def _is_latent(site) -> bool:
+    return not site["is_observed"] and site["infer"].get("_enumerate_dim") is not None
 
 
-def posterior_marginals(model, *args, max_plate_nesting: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
-    """Exact posterior marginals of every enumerated latent site: {name: probabilities (batch..., K)}, detached.
-
-    A model whose latents all have one value (K = 1) has the trivial posterior 1 (Pyro cannot contract it).
-    """
+def posterior(model, *args, max_plate_nesting: int | None = None, **kwargs) -> Posterior:
+    """Exact posterior (clique and per-site marginals) and log evidence of a batch; see the module docstring."""
     nesting = plate_nesting(model, max_plate_nesting)
-    sites = _latent_sites(model, args, kwargs, nesting)
-    priors = {name: site["fn"].probs.detach() for name, site in sites.items()}
-    if all(p.shape[-1] == 1 for p in priors.values()):
-        return priors
     args, kwargs = _detached(args), _detached(kwargs)
-    tilts = {name: torch.zeros_like(p, requires_grad=True) for name, p in priors.items()}
-    elbo = TraceEnum_ELBO(max_plate_nesting=nesting)
+    with torch.no_grad():
+        sites = _sample_sites(_trace(model, nesting, args, kwargs))
+    latent = {name: site for name, site in sites.items() if _is_latent(site)}
+    if not latent or all(site["value"].shape[site["infer"]["_enumerate_dim"]] == 1 for site in latent.values()):
+        return _trivial_posterior(sites, latent, nesting)  # nothing to enumerate (e.g. K = 1)
+    tilts = {name: torch.zeros_like(site["unscaled_log_prob"], requires_grad=True) for name, site in sites.items()}
     with torch.enable_grad():
-        nll = elbo.differentiable_loss(_Tilt(tilts)(model), empty_guide, *args, **kwargs)
-        grads = torch.autograd.grad(nll, list(tilts.values()))
-    return {name: (priors[name] - g).clamp(0, 1) for name, g in zip(tilts, grads)}
+        nll = TraceEnum_ELBO(max_plate_nesting=nesting).differentiable_loss(
+            _Tilt(tilts)(config_enumerate(model)), empty_guide, *args, **kwargs
+        )
+        grads = torch.autograd.grad(nll, list(tilts.values()), allow_unused=True)
+    factors = {}
+    for (name, site), grad in zip(sites.items(), grads):
+        grad = torch.zeros_like(tilts[name]) if grad is None else grad
+        factors[name] = (-grad / _scale(site)).clamp(0, 1)
+    marginals = {name: _own_marginal(factors[name], site, nesting) for name, site in latent.items()}
+    log_evidence = -nll.detach()
+    expected = sum((factors[name] * site["log_prob"]).sum() for name, site in sites.items())
+    return Posterior(marginals, factors, log_evidence, log_evidence - expected)
+
+
+def _trivial_posterior(sites, latent, nesting) -> Posterior:
+    factors = {name: torch.ones_like(site["unscaled_log_prob"]) for name, site in sites.items()}
+    marginals = {name: _own_marginal(factors[name], site, nesting) for name, site in latent.items()}
+    log_evidence = sum(site["log_prob"].sum() for site in sites.values()).detach()
+    return Posterior(marginals, factors, log_evidence, torch.zeros_like(log_evidence))
+
+
+def _scale(site):
+    scale = site["scale"]
+    return scale if isinstance(scale, torch.Tensor) else float(scale)
+
+
+def _own_marginal(clique: torch.Tensor, site, nesting: int) -> torch.Tensor:
+    """A latent site's own posterior from its clique marginal: sum out the other latents -> (plates..., K)."""
+    own = site["infer"]["_enumerate_dim"]
+    others = [d for d in range(-clique.dim(), -nesting) if d != own]
+    if others:
+        clique = clique.sum(others, keepdim=True)
+    clique = clique.movedim(own, -1)
+    return clique.reshape(clique.shape[clique.dim() - nesting - 1 :])
+
+
+class _Tilted(TorchDistribution):
+    """``base`` with ``tilt`` added to its log-probability (the tilt is zero: only its gradient is used)."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, base, tilt: torch.Tensor):
+        self.base, self.tilt = base, tilt
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    @property
+    def has_enumerate_support(self):
+        return self.base.has_enumerate_support
+
+    def enumerate_support(self, expand: bool = True):
+        return self.base.enumerate_support(expand=expand)
+
+    def sample(self, sample_shape=()):
+        return self.base.sample(sample_shape)
+
+    def log_prob(self, value):
+        return self.base.log_prob(value) + self.tilt
 
 
 class _Tilt(Messenger):
-    """Adds a tensor to the logits of the named categorical sample sites."""
+    """Adds a tensor to the log-probability of the named sample sites."""
 
     def __init__(self, tilts: dict[str, torch.Tensor]):
         super().__init__()
@@ -80,18 +162,39 @@ class _Tilt(Messenger):
 
     def _pyro_sample(self, msg):
         tilt = self.tilts.get(msg["name"])
-        if tilt is not None and not msg["is_observed"]:
-            msg["fn"] = dist.Categorical(logits=msg["fn"].logits + tilt)
+        if tilt is not None:
+            msg["fn"] = _Tilted(msg["fn"], tilt)
 
 
-def _detached(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_detached(v) for v in value)
-    return value
+def expected_log_joint(model, post: Posterior, *args, max_plate_nesting: int | None = None, **kwargs):
+    """E_q[log p(obs, z)] under the posterior's clique marginals (a scalar with a graph to the inputs).
+
+    Its gradient equals the gradient of log p(obs) where ``post`` was computed (Fisher's identity); with
+    ``post`` held fixed over several updates it is the EM M-step objective.
+    """
+    sites = _sample_sites(_trace(model, plate_nesting(model, max_plate_nesting), args, kwargs))
+    missing = set(post.factors) ^ set(sites)
+    if missing:
+        raise ValueError(f"the model's sample sites changed since the E-step: {sorted(missing)}")
+    return sum((post.factors[name] * site["log_prob"]).sum() for name, site in sites.items())
+
+
+def sample_posterior(model, *args, max_plate_nesting: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
+    """One joint draw of every latent site from its exact posterior (forward filter, backward sample)."""
+    nesting = plate_nesting(model, max_plate_nesting)
+    sampler = infer_discrete(  # latents with one value (K = 1) need no enumeration: no warning for them
+        config_enumerate(model), first_available_dim=-nesting - 1, temperature=1, strict_enumeration_warning=False
+    )
+    args, kwargs = _detached(args), _detached(kwargs)
+    with torch.no_grad():
+        trace = poutine.trace(sampler).get_trace(*args, **kwargs)
+    return {name: site["value"] for name, site in _sample_sites(trace).items() if not site["is_observed"]}
+
+
+def log_joint(model, values: dict[str, torch.Tensor], *args, max_plate_nesting: int | None = None, **kwargs):
+    """log p(obs, z = values): the model with its latents fixed to ``values`` (a scalar with a graph)."""
+    trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+    return trace.log_prob_sum()
 
 
 def map_assignment(model, *args, max_plate_nesting: int | None = None, site: str = "z", **kwargs) -> torch.Tensor:
@@ -108,3 +211,29 @@ def marginal_nll(model, *args, max_plate_nesting: int | None = None, **kwargs) -
     elbo = TraceEnum_ELBO(max_plate_nesting=plate_nesting(model, max_plate_nesting))
     with torch.no_grad(), pyro.validation_enabled(False):
         return float(elbo.loss(model, empty_guide, *args, **kwargs))
+
+
+def posterior_marginals(model, *args, max_plate_nesting: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
+    """Each latent site's exact posterior, (plate dims..., K): ``posterior(...).marginals``."""
+    return posterior(model, *args, max_plate_nesting=max_plate_nesting, **kwargs).marginals
+
+
+def latent_frames(model, args, kwargs, max_plate_nesting: int) -> dict[str, list[tuple[str, int, int]]]:
+    """The enumerated (discrete latent) sites of ``model`` and the plates (name, size, dim) each sits in."""
+    with torch.no_grad():
+        sites = _sample_sites(_trace(model, max_plate_nesting, _detached(args), _detached(kwargs)))
+    return {
+        name: [(f.name, f.size, f.dim) for f in site["cond_indep_stack"] if f.vectorized]
+        for name, site in sites.items()
+        if _is_latent(site)
+    }
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_detached(v) for v in value)
+    return value

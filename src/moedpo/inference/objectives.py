@@ -2,9 +2,11 @@
 
 - :func:`marginal_loss` — exact -log p(obs) by enumerating z in the model (``svi`` schedule, no guide), or
   the negative ELBO of an enumerated guide (``svi`` with :class:`~moedpo.models.AmortizedGuide`).
-- :func:`em_loss` — the M-step objective -E_q[log p(obs, z)] - H(q) with q the fixed E-step posterior. Its
-  gradient is the weighted DPO loss of the experts plus the gate's cross-entropy to q.
-- :func:`relaxed_loss` — the Gumbel-Softmax Monte Carlo ELBO (``gumbel`` schedule).
+- :func:`em_loss` — the M-step objective -E_q[log p(obs, z)] - H(q) with q the fixed E-step posterior (its
+  clique marginals, so nested latents are exact). Its gradient is the weighted DPO loss of the experts plus
+  the gate's cross-entropy to q.
+- :func:`sampled_loss` — -log p(obs, z) at one posterior draw of z (``gumbel``: sparse top-1 updates).
+- :func:`relaxed_loss` — the Gumbel-Softmax Monte Carlo ELBO (for relaxed models and guides).
 - :func:`gate_cross_entropy` — -sum_k q_k log w_k, the gate M-step for networks.
 """
 
@@ -13,8 +15,8 @@ from __future__ import annotations
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
-from moedpo.inference.estep import latent_frames, plate_nesting, posterior_marginals
-from moedpo.models.guides import empty_guide, posterior_guide
+from moedpo.inference.estep import Posterior, expected_log_joint, log_joint, plate_nesting, posterior
+from moedpo.models.guides import empty_guide
 
 
 def marginal_loss(model, guide=None, *args, max_plate_nesting: int | None = None, **kwargs) -> torch.Tensor:
@@ -28,16 +30,20 @@ def marginal_loss(model, guide=None, *args, max_plate_nesting: int | None = None
 
 
 def em_loss(
-    model, *args, max_plate_nesting: int | None = None, marginals: dict | None = None, **kwargs
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """M-step loss under the E-step posterior. Returns (loss, marginals); pass ``marginals`` to reuse an E-step."""
+    model, *args, max_plate_nesting: int | None = None, post: Posterior | None = None, **kwargs
+) -> tuple[torch.Tensor, Posterior]:
+    """M-step loss under the E-step posterior, shifted by H(q) so that it equals -log p(obs) where q was
+    computed. Returns (loss, posterior); pass ``post`` to reuse an E-step over several updates."""
     nesting = plate_nesting(model, max_plate_nesting)
-    if marginals is None:
-        marginals = posterior_marginals(model, *args, max_plate_nesting=nesting, **kwargs)
-    frames = latent_frames(model, args, kwargs, nesting)
-    guide = posterior_guide(marginals, frames)
-    loss = TraceEnum_ELBO(max_plate_nesting=nesting).differentiable_loss(model, guide, *args, **kwargs)
-    return loss, marginals
+    if post is None:
+        post = posterior(model, *args, max_plate_nesting=nesting, **kwargs)
+    expected = expected_log_joint(model, post, *args, max_plate_nesting=nesting, **kwargs)
+    return -(expected + post.entropy), post
+
+
+def sampled_loss(model, values: dict, *args, max_plate_nesting: int | None = None, **kwargs) -> torch.Tensor:
+    """-log p(obs, z = values): stochastic EM with one exact posterior draw (only the drawn experts learn)."""
+    return -log_joint(model, values, *args, max_plate_nesting=max_plate_nesting, **kwargs)
 
 
 def relaxed_loss(model, guide, *args, num_particles: int = 1, **kwargs) -> torch.Tensor:

@@ -87,3 +87,51 @@ class UserGate(nn.Module):
 def top1_route(gate_logits: torch.Tensor) -> torch.Tensor:
     """Hard top-1 assignment (B, K) -> one-hot (B, K): which expert a sparse MoE runs for each input."""
     return nn.functional.one_hot(gate_logits.argmax(-1), gate_logits.shape[-1]).to(gate_logits.dtype)
+
+
+class Router(nn.Module):
+    """A run's gate, read from a collated batch: the one place a batch becomes gate logits.
+
+    ``net`` is a :class:`FixedGate`, :class:`MLPGate` or :class:`UserGate` (``kind`` says which). Pair scope gives
+    logits (B, K); user scope gives one row per annotator in the batch, (U, K), and ``user_index`` (B,) into them.
+    Prompt features are the batch's sentence-encoder ``prompt_features`` when present, else the experts' pooled
+    base states.
+    """
+
+    def __init__(self, net: nn.Module, kind: str, scope: str, user_features: bool = False):
+        super().__init__()
+        self.net, self.kind, self.scope, self.user_features = net, kind, scope, user_features
+
+    def forward(self, batch: dict, margins: dict) -> tuple[torch.Tensor, dict]:
+        """The EM loop's gate: (logits, latent-model keyword arguments)."""
+        return self.logits(batch, margins.get("features"))
+
+    def logits(self, batch: dict, features: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        device = next(self.parameters()).device
+        if "prompt_features" in batch:
+            features = batch["prompt_features"]
+        users = batch["user"].to(device)
+        if self.scope == "pair":
+            return self._rows(users, batch.get("user_features"), features), {}
+        ids, local = torch.unique(users, return_inverse=True)
+        first = torch.zeros_like(ids).scatter_(0, local, torch.arange(local.numel(), device=device))
+        user_features = batch.get("user_features")
+        return self._rows(ids, None if user_features is None else user_features[first.cpu()], None), {
+            "user_index": local
+        }
+
+    def _rows(self, users: torch.Tensor, user_features, features) -> torch.Tensor:
+        device = users.device
+        if self.kind == "fixed":
+            return self.net(users.numel())
+        if self.kind == "mlp":
+            return self.net(features.to(device).float())
+        wanted = user_features.to(device) if self.user_features and user_features is not None else None
+        return self.net(user_ids=users, user_features=wanted)
+
+    @torch.no_grad()
+    def pair_weights(self, batch: dict, features: torch.Tensor | None) -> torch.Tensor:
+        """The gate's prior w(x, u) for each pair: (B, K)."""
+        logits, extra = self.logits(batch, features)
+        weights = torch.softmax(logits, -1)
+        return weights[extra["user_index"]] if "user_index" in extra else weights

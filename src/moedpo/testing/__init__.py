@@ -4,6 +4,7 @@ from moedpo.testing import strategies
 from moedpo.testing.checks import (
     check_matches_closed_form,
     check_normalisation,
+    check_posterior_by_enumeration,
     check_single_expert_is_dpo,
     check_swap_symmetry,
 )
@@ -11,6 +12,7 @@ from moedpo.testing.checks import (
 __all__ = [
     "check_matches_closed_form",
     "check_normalisation",
+    "check_posterior_by_enumeration",
     "check_single_expert_is_dpo",
     "check_swap_symmetry",
     "strategies",

@@ -83,3 +83,47 @@ def check_swap_symmetry(model, h, gate_logits, beta, *, max_plate_nesting=None, 
     loss = _nll(model, h, gate_logits, beta, ones, max_plate_nesting, **kwargs)
     swapped = _nll(model, -h, gate_logits, beta, 1 - ones, max_plate_nesting, **kwargs)
     _close("swap symmetry", swapped.detach(), loss.detach(), rtol, 1e-8)
+
+
+def check_posterior_by_enumeration(
+    model, h, gate_logits, beta, *, max_plate_nesting=None, max_assignments=4096, atol=1e-8, **kwargs
+):
+    """moedpo's E-step (:func:`moedpo.inference.posterior`) equals brute force: every joint assignment of every
+    latent site scored by the model, then normalised. Checks each site's marginal and the log evidence."""
+    from pyro import poutine
+
+    from moedpo.inference.estep import log_joint, posterior
+
+    obs = torch.ones(h.shape[0], dtype=h.dtype)
+    args = (h.detach(), gate_logits.detach(), beta, obs)
+    post = posterior(model, *args, max_plate_nesting=max_plate_nesting, **kwargs)
+    with torch.no_grad():
+        prior = poutine.trace(model).get_trace(*args, **kwargs)
+    latent = {
+        name: post.marginals[name].shape[-1]
+        for name, site in prior.nodes.items()
+        if site["type"] == "sample" and name in post.marginals
+    }
+    shapes = {name: prior.nodes[name]["value"].shape for name in latent}
+    cells = [(name, index) for name in latent for index in itertools.product(*(range(n) for n in shapes[name]))]
+    count = 1
+    for name, _ in cells:
+        count *= latent[name]
+    if count > max_assignments:
+        raise ValueError(f"check_posterior_by_enumeration: {count} joint assignments > max_assignments")
+    joint, marginals = [], {name: torch.zeros((*shapes[name], k), dtype=torch.float64) for name, k in latent.items()}
+    assignments = list(itertools.product(*(range(latent[name]) for name, _ in cells)))
+    for assignment in assignments:
+        values = {name: torch.zeros(shapes[name], dtype=torch.long) for name in latent}
+        for (name, index), value in zip(cells, assignment):
+            values[name][index] = value
+        with torch.no_grad():
+            joint.append(float(log_joint(model, values, *args, **kwargs)))
+    joint_t = torch.tensor(joint, dtype=torch.float64)
+    weights = torch.softmax(joint_t, 0)
+    for w, assignment in zip(weights, assignments):
+        for (name, index), value in zip(cells, assignment):
+            marginals[name][(*index, value)] += w
+    _close("log evidence vs brute force", post.log_evidence.double(), torch.logsumexp(joint_t, 0), 1e-6, atol)
+    for name, expected in marginals.items():
+        _close(f"posterior of {name!r} vs brute force", post.marginals[name].double(), expected, 1e-6, atol)
