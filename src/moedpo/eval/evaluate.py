@@ -14,7 +14,7 @@ import torch
 from moedpo.data.tokenize import collate
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.inference import e_step
-from moedpo.inference.em import _log_ratios
+from moedpo.inference.margins import log_ratios
 from moedpo.losses import log_likelihood
 
 
@@ -24,7 +24,7 @@ def bank_margins(bank, examples: list[dict], pad_token_id: int, batch_size: int 
     parts = []
     for start in range(0, len(examples), batch_size):
         out = bank.margins(collate(examples[start : start + batch_size], pad_token_id))
-        chosen, rejected = _log_ratios(out)
+        chosen, rejected = log_ratios(out)
         parts.append({"h": (chosen - rejected).cpu(), **{k: v.cpu() for k, v in out.items()}})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

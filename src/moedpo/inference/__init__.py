@@ -1,8 +1,10 @@
 """Inference: the exact E-step of any latent preference model, Pyro objectives and the VariationalEM loop."""
 
-from moedpo.inference.em import SCHEDULES, EStep, VariationalEM, e_step
+from moedpo.inference.em import SCHEDULES, VariationalEM
 from moedpo.inference.estep import (
+    EStep,
     Posterior,
+    e_step,
     expected_log_joint,
     latent_frames,
     log_joint,

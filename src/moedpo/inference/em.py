@@ -24,11 +24,18 @@ gives the update of one big batch):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from moedpo.inference.estep import Posterior, expected_log_joint, plate_nesting, posterior, sample_posterior
+from moedpo.inference.estep import EStep, e_step, plate_nesting
+from moedpo.inference.margins import (
+    as_dict,
+    detached,
+    gate_output,
+    loss_margins,
+    margins_with_leaves,
+    num_pairs,
+)
+from moedpo.inference.metrics import step_record, summarise
 from moedpo.inference.objectives import em_loss, marginal_loss, sampled_loss
 from moedpo.losses.anticollapse import load_balance_loss, usage_entropy_penalty
 from moedpo.losses.dpo import LOSS_TYPES, dpo_loss, log_likelihood
@@ -44,37 +51,6 @@ PER_EXPERT = (
     "rewards/chosen",
     "rewards/rejected",
 )
-
-
-@dataclass
-class EStep:
-    """What the E-step knows about one micro-batch (detached)."""
-
-    post: Posterior
-    gate_q: torch.Tensor  # (units, K): posterior of the latent whose prior is the gate
-    pair_q: torch.Tensor  # (B, K): responsibilities, P(expert k labelled pair i | data)
-    draw: dict | None = None  # gumbel: one joint posterior draw of the latents
-
-
-def e_step(model, args, kwargs, beta: float, label_smoothing: float, nesting: int, draw: bool = False) -> EStep:
-    """Exact posterior of a batch; responsibilities and the gate latent's posterior by differentiating E_q[log p].
-
-    ``args`` = (h, gate_logits, beta, obs). dE/dh_ik = r_ik * d log p(y_i | expert k) / dh_ik gives the
-    responsibilities r; dE/dg_uk = q_uk - w_uk (g: logits of a categorical prior) gives the gate latent's q.
-    Used by training, evaluation and routing alike.
-    """
-    post = posterior(model, *args, max_plate_nesting=nesting, **kwargs)
-    h, g = (a.detach().double().requires_grad_(True) for a in args[:2])
-    rest = (args[2], args[3].double())
-    with torch.enable_grad():
-        expected = expected_log_joint(model, _cast(post), h, g, *rest, max_plate_nesting=nesting, **kwargs)
-        dh, dg = torch.autograd.grad(expected, [h, g], allow_unused=True)
-        slope = torch.autograd.grad(log_likelihood(h, beta, label_smoothing).sum(), h)[0]
-    pair_q = torch.where(slope > 0, (dh if dh is not None else 0 * h) / slope.clamp_min(1e-300), 0.0)
-    gate_q = torch.softmax(g, -1) + (dg if dg is not None else 0.0)
-    sample = sample_posterior(model, *args, max_plate_nesting=nesting, **kwargs) if draw else None
-    dtype = args[0].dtype
-    return EStep(post, gate_q.detach().clamp(0, 1).to(dtype), pair_q.detach().clamp(0, 1).to(dtype), sample)
 
 
 class VariationalEM:
@@ -124,8 +100,8 @@ class VariationalEM:
     # -- one optimisation step: read this first ------------------------------------------------------------
     def step(self, *micro_batches) -> float:
         """margins -> gate -> E-step -> M-step -> expert update -> optimizer (x m_steps) -> gate -> schedule."""
-        batches = [b for b in micro_batches if b is not None and _num_pairs(b) > 0]  # empty shards: no work
-        total = self._global_sum(sum(_num_pairs(b) for b in batches))
+        batches = [b for b in micro_batches if b is not None and num_pairs(b) > 0]  # empty shards: no work
+        total = self._global_sum(sum(num_pairs(b) for b in batches))
         if total == 0:
             raise ValueError("the global batch has no pairs")
         e_steps: list[EStep | None] = [None] * len(batches)
@@ -133,9 +109,9 @@ class VariationalEM:
         for update in range(self.m_steps):
             self.optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(batches):
-                out = _as_dict(self.experts.margins(batch))  # margins (B, K)
-                h, leaves = _margins_with_leaves(out)
-                gate_logits, extra = _gate_output(self.gate(batch, out))  # gate
+                out = as_dict(self.experts.margins(batch))  # margins (B, K)
+                h, leaves = margins_with_leaves(out)
+                gate_logits, extra = gate_output(self.gate(batch, out))  # gate
                 args = (h, gate_logits, self.beta, torch.ones(h.shape[0], dtype=h.dtype, device=h.device))
                 kwargs = {"label_smoothing": self.label_smoothing, **extra}
                 if e_steps[i] is None:
@@ -145,13 +121,19 @@ class VariationalEM:
                 if leaves:  # expert update: margins came without a graph; the experts backpropagate
                     self.experts.backward(batch, *(leaf.grad for leaf in leaves))
                 if update == 0:
-                    records.append(self._record(e_steps[i], out, h, gate_logits))
+                    records.append(self._record(e_steps[i], detached(out), h.detach(), gate_logits))
             self.apply_gradients()  # optimizer
         self.update_gate([e.gate_q for e in e_steps])  # closed-form Mix-DPO proportions
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()  # schedule: once per EM step, whatever m_steps is
         self.num_steps += 1
-        self.metrics = self._summarise(records, total)
+        self.metrics = {
+            "loss": self._global_sum(sum(r["loss"] for r in records)) / total,
+            **({"grad_norm": self.grad_norm} if self.clip_grad_norm is not None else {}),
+            **summarise(records),  # this process's micro-batches
+        }
+        if self.loss_type != "sigmoid":
+            self.metrics["em/marginal_nll"] = self._global_sum(sum(r["em/marginal_nll"] for r in records)) / total
         return self.metrics["loss"]
 
     # -- the pieces ----------------------------------------------------------------------------------------------
@@ -182,8 +164,12 @@ class VariationalEM:
     def _loss_type_shift(self, e: EStep, out: dict, h: torch.Tensor) -> torch.Tensor:
         """sum_ik r_ik [loss_type(h_ik) + log sigmoid(beta h_ik)]: added to -E_q[log p], it replaces the experts'
         Bradley-Terry term by the q-weighted TRL loss (K = 1: exactly TRL's loss)."""
-        expert_loss = dpo_loss(_loss_margins(out, h, self.loss_type), self.beta, self.loss_type, self.label_smoothing)
+        expert_loss = dpo_loss(loss_margins(out, h, self.loss_type), self.beta, self.loss_type, self.label_smoothing)
         return (e.pair_q * (expert_loss + log_likelihood(h, self.beta, self.label_smoothing))).sum()
+
+    def _record(self, e: EStep, out: dict, h: torch.Tensor, gate_logits: torch.Tensor) -> dict:
+        shift = float(self._loss_type_shift(e, out, h)) if self.loss_type != "sigmoid" else 0.0
+        return step_record(e, out, h, gate_logits, self.beta, shift)
 
     def apply_gradients(self) -> None:
         """Sum gradients over processes, clip, step the optimizer."""
@@ -209,119 +195,7 @@ class VariationalEM:
                 target = self.gate_momentum * torch.softmax(logits, -1) + (1 - self.gate_momentum) * target
             self.closed_form_gate.set_proportions(target.unsqueeze(0))
 
-    # -- metrics ---------------------------------------------------------------------------------------------
-    def _record(self, e: EStep, out: dict, h: torch.Tensor, gate_logits: torch.Tensor) -> dict:
-        """Sums over this micro-batch's pairs (or latent units) of what the step logs."""
-        h = h.detach().float()
-        correction = float(self._loss_type_shift(e, _detach(out), h)) if self.loss_type != "sigmoid" else 0.0
-        q = e.gate_q.reshape(-1, e.gate_q.shape[-1]).float()
-        prior = torch.softmax(gate_logits.detach().float().reshape(-1, gate_logits.shape[-1]), -1)
-        record = {
-            "pairs": h.shape[0],
-            "units": q.shape[0],
-            "loss": -float(e.post.log_evidence) + correction,
-            "em/marginal_nll": -float(e.post.log_evidence),
-            "em/responsibility_entropy": float(-(torch.special.xlogy(q, q)).sum()),
-            "rewards/accuracies": float((e.pair_q.float() * (h > 0).float()).sum()),
-            "em/expert_usage": q.sum(0).cpu(),
-            "gate/usage": prior.sum(0).cpu(),
-            "rewards/margins": self.beta * h.sum(0).cpu(),
-            "rewards/accuracies_per_expert": (h > 0).float().sum(0).cpu(),
-        }
-        if "chosen_logps" in out:
-            chosen, rejected = _log_ratios(_detach(out))
-            record["rewards/chosen"] = self.beta * chosen.float().sum(0).cpu()
-            record["rewards/rejected"] = self.beta * rejected.float().sum(0).cpu()
-        return record
-
-    def _summarise(self, records: list[dict], total: float) -> dict:
-        """Step metrics: the loss over every process's pairs; the rest over this process's micro-batches."""
-        loss = self._global_sum(sum(r["loss"] for r in records))
-        metrics = {"loss": loss / total}
-        if self.loss_type != "sigmoid":
-            metrics["em/marginal_nll"] = self._global_sum(sum(r["em/marginal_nll"] for r in records)) / total
-        if self.clip_grad_norm is not None:
-            metrics["grad_norm"] = self.grad_norm
-        if not records:
-            return metrics
-        pairs, units = sum(r["pairs"] for r in records), sum(r["units"] for r in records)
-        metrics["rewards/accuracies"] = sum(r["rewards/accuracies"] for r in records) / pairs
-        metrics["em/responsibility_entropy"] = sum(r["em/responsibility_entropy"] for r in records) / units
-        per_unit = {"em/expert_usage": units, "gate/usage": units}
-        for key in PER_EXPERT:
-            if key not in records[0]:
-                continue
-            values = sum(r[key] for r in records) / per_unit.get(key, pairs)
-            for k, value in enumerate(values.tolist()):
-                metrics[_expert_key(key, k)] = value
-        return metrics
-
     def _global_sum(self, value: float) -> float:
         if self.sync is None:
             return float(value)
         return float(self.sync.sum(torch.tensor(float(value), dtype=torch.float64)))
-
-
-def _expert_key(key: str, k: int) -> str:
-    if key in ("em/expert_usage", "gate/usage"):
-        return f"{key}_{k}"
-    if key == "rewards/accuracies_per_expert":
-        return f"expert_{k}/rewards/accuracies"
-    return f"expert_{k}/{key}"
-
-
-def _num_pairs(batch) -> int:
-    if isinstance(batch, dict) and "index" in batch:
-        return int(batch["index"].shape[0])
-    return int(len(batch))
-
-
-def _as_dict(out) -> dict:
-    return {"h": out} if isinstance(out, torch.Tensor) else dict(out)
-
-
-def _gate_output(out) -> tuple[torch.Tensor, dict]:
-    return out if isinstance(out, tuple) else (out, {})
-
-
-def _margins_with_leaves(out: dict):
-    """h (B, K) and the leaf tensors the experts' backward needs (none when h already has a graph)."""
-    if "h" in out:
-        return out["h"], []
-    chosen, rejected = out["chosen_logps"], out["rejected_logps"]
-    leaves = []
-    if not chosen.requires_grad:
-        chosen, rejected = chosen.detach().requires_grad_(True), rejected.detach().requires_grad_(True)
-        out["chosen_logps"], out["rejected_logps"] = chosen, rejected
-        leaves = [chosen, rejected]
-    chosen_ratio, rejected_ratio = _log_ratios(out)
-    return chosen_ratio - rejected_ratio, leaves
-
-
-def _log_ratios(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi_k / pi_ref(k) of chosen and rejected: (B, K) each (a shared reference (B,) broadcasts)."""
-    ref_c, ref_r = out["ref_chosen_logps"], out["ref_rejected_logps"]
-    if ref_c.dim() == 1:
-        ref_c, ref_r = ref_c.unsqueeze(-1), ref_r.unsqueeze(-1)
-    return out["chosen_logps"] - ref_c, out["rejected_logps"] - ref_r
-
-
-def _loss_margins(out: dict, h: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """The margin a TRL loss reads: h, or for ``ipo`` the log-ratios averaged per completion token."""
-    if loss_type != "ipo":
-        return h
-    if "chosen_lengths" not in out:
-        raise ValueError("loss_type='ipo' needs chosen_lengths / rejected_lengths (completion tokens) from the experts")
-    chosen, rejected = _log_ratios(out)
-    n_c = out["chosen_lengths"].clamp_min(1).unsqueeze(-1).to(chosen.dtype)
-    n_r = out["rejected_lengths"].clamp_min(1).unsqueeze(-1).to(rejected.dtype)
-    return chosen / n_c - rejected / n_r
-
-
-def _detach(out: dict) -> dict:
-    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-
-
-def _cast(post: Posterior) -> Posterior:
-    factors = {k: v.double() for k, v in post.factors.items()}
-    return Posterior(post.marginals, factors, post.log_evidence, post.entropy)

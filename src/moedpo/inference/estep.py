@@ -34,6 +34,7 @@ from pyro.infer import TraceEnum_ELBO, config_enumerate, infer_discrete
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from moedpo.losses.dpo import log_likelihood
 from moedpo.models.guides import empty_guide
 
 
@@ -237,3 +238,39 @@ def _detached(value):
     if isinstance(value, tuple | list):
         return type(value)(_detached(v) for v in value)
     return value
+
+
+@dataclass
+class EStep:
+    """What the E-step knows about one micro-batch (detached)."""
+
+    post: Posterior
+    gate_q: torch.Tensor  # (units, K): posterior of the latent whose prior is the gate
+    pair_q: torch.Tensor  # (B, K): responsibilities, P(expert k labelled pair i | data)
+    draw: dict | None = None  # gumbel: one joint posterior draw of the latents
+
+
+def e_step(model, args, kwargs, beta: float, label_smoothing: float, nesting: int, draw: bool = False) -> EStep:
+    """Exact posterior of a batch; responsibilities and the gate latent's posterior by differentiating E_q[log p].
+
+    ``args`` = (h, gate_logits, beta, obs). dE/dh_ik = r_ik * d log p(y_i | expert k) / dh_ik gives the
+    responsibilities r; dE/dg_uk = q_uk - w_uk (g: logits of a categorical prior) gives the gate latent's q.
+    Used by training, evaluation and routing alike.
+    """
+    post = posterior(model, *args, max_plate_nesting=nesting, **kwargs)
+    h, g = (a.detach().double().requires_grad_(True) for a in args[:2])
+    rest = (args[2], args[3].double())
+    with torch.enable_grad():
+        expected = expected_log_joint(model, _cast(post), h, g, *rest, max_plate_nesting=nesting, **kwargs)
+        dh, dg = torch.autograd.grad(expected, [h, g], allow_unused=True)
+        slope = torch.autograd.grad(log_likelihood(h, beta, label_smoothing).sum(), h)[0]
+    pair_q = torch.where(slope > 0, (dh if dh is not None else 0 * h) / slope.clamp_min(1e-300), 0.0)
+    gate_q = torch.softmax(g, -1) + (dg if dg is not None else 0.0)
+    sample = sample_posterior(model, *args, max_plate_nesting=nesting, **kwargs) if draw else None
+    dtype = args[0].dtype
+    return EStep(post, gate_q.detach().clamp(0, 1).to(dtype), pair_q.detach().clamp(0, 1).to(dtype), sample)
+
+
+def _cast(post: Posterior) -> Posterior:
+    factors = {k: v.double() for k, v in post.factors.items()}
+    return Posterior(post.marginals, factors, post.log_evidence, post.entropy)
