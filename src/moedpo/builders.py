@@ -148,8 +148,12 @@ def build_bank(config: Config, model, device: torch.device):
         disable_dropout(model)
     model = model.to(device)
     dtype = autocast_dtype(config, device)
+    # reusing the update's graph for the E-step holds K experts' activations at once: by default only for K = 1
+    reuse = e.reuse_graph == "true" or (e.reuse_graph == "auto" and e.num_experts == 1)
     if e.mode == "independent":
-        return IndependentBank(model, e.num_experts, init_std=e.init_std, seed=config.train.seed, autocast_dtype=dtype)
+        return IndependentBank(
+            model, e.num_experts, init_std=e.init_std, seed=config.train.seed, autocast_dtype=dtype, reuse_graph=reuse
+        )
     lora = dict(
         r=e.lora_r,
         alpha=e.lora_alpha,
@@ -158,6 +162,7 @@ def build_bank(config: Config, model, device: torch.device):
         seed=config.train.seed,
         reference_adapters=e.reference_adapters,
         autocast_dtype=dtype,
+        reuse_graph=reuse,
     )
     if e.mode == "heads":
         if e.target_modules != "all-linear+head":

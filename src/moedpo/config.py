@@ -47,6 +47,7 @@ class ExpertsConfig:
     top_layers: int = 1  # heads mode: decoder layers each expert owns
     init_std: float = 0.2  # distinct expert initialisation (LoRA B noise; parameter noise for independent)
     reference_adapters: list | None = None  # per-expert reference pi_ref(k): one PEFT adapter folder per expert
+    reuse_graph: str = "auto"  # E-step on the update's own forward (no second pass): auto (K=1) | true | false
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _coerce(section, key, value, origin):
                 return str(value).lower() == "true"
             raise ValueError
         if base == "str":
-            return str(value)
+            return str(value).lower() if isinstance(value, bool) else str(value)  # YAML reads `true` as a bool
         if base == "list" and isinstance(value, list):
             return value
         if base == "Any":
@@ -191,6 +192,7 @@ CHOICES = {
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("train", "loss_type"): ("sigmoid", "ipo", "hinge", "robust"),
+    ("experts", "reuse_graph"): ("auto", "true", "false"),
 }
 
 

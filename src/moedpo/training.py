@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from moedpo.builders import Run, build_base, build_run
@@ -26,6 +26,8 @@ from moedpo.distributed import DataParallel
 from moedpo.eval.evaluate import evaluate
 from moedpo.inference import VariationalEM
 from moedpo.runs import MetricsLogger, find_checkpoint, load_checkpoint, save_checkpoint
+
+REFERENCE_FILE = "reference_logps.safetensors"
 
 
 class BatchPlan:
@@ -126,6 +128,7 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
             file=sys.stderr,
             flush=True,
         )
+    _reference_once(run, run_dir, dp)
     params = dict(run.bank.trainable_parameters())
     params.update({f"gate.{n}": p for n, p in run.gate.named_parameters() if p.requires_grad})
     if isinstance(run.guide, torch.nn.Module):
@@ -159,6 +162,22 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     dp.barrier()
     dp.close()
     return run_dir
+
+
+def _reference_once(run: Run, run_dir: Path, dp: DataParallel) -> None:
+    """Reference log-probs of every example, computed once per dataset and kept with the run (``--resume`` and
+    later epochs reuse them; no training step runs the reference model)."""
+    path = run_dir / REFERENCE_FILE
+    if path.exists():
+        run.bank.load_reference_state(load_file(path))
+        return
+    examples = run.data.train + run.data.eval
+    bar = tqdm(total=len(examples), desc="reference log-probs", disable=not dp.is_main)
+    run.bank.precompute_reference(examples, run.tokenizer.pad_token_id, progress=bar.update)
+    bar.close()
+    if dp.is_main:
+        save_file(run.bank.reference_state(), path)
+    dp.barrier()
 
 
 def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:

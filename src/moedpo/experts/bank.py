@@ -43,8 +43,8 @@ class ExpertBank:
     num_experts: int
     device: torch.device
 
-    def __init__(self, autocast_dtype: torch.dtype | None = None):
-        self.autocast_dtype = autocast_dtype
+    def __init__(self, autocast_dtype: torch.dtype | None = None, reuse_graph: bool = False):
+        self.autocast_dtype, self.reuse_graph = autocast_dtype, reuse_graph
         self._ref_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._feature_cache: dict[int, torch.Tensor] = {}
 
@@ -93,15 +93,19 @@ class ExpertBank:
         rejected = torch.stack([self._ref_cache[i][1] for i in index]).to(self.device)
         return chosen, rejected, torch.stack([self._feature_cache[i] for i in index]).to(self.device)
 
-    @torch.no_grad()
     def margins(self, batch: dict) -> dict:
-        """Every expert's log-probs on the batch, with no graph (the E-step pass, dropout off):
-        {"chosen_logps", "rejected_logps": (B, K), "ref_chosen_logps", "ref_rejected_logps": (B,) or (B, K),
-        "chosen_lengths", "rejected_lengths": (B,) completion tokens, "features": (B, D) pooled prompt states}."""
+        """Every expert's log-probs on the batch: {"chosen_logps", "rejected_logps": (B, K), "ref_chosen_logps",
+        "ref_rejected_logps": (B,) or (B, K), "chosen_lengths", "rejected_lengths": (B,) completion tokens,
+        "features": (B, D) pooled prompt states}.
+
+        Without a graph (eval mode: the E-step pass), unless ``reuse_graph`` and grad is on: then the log-probs keep
+        their graph (train mode) and the loop backpropagates through them, so no expert runs twice.
+        """
         batch = self.to_device(batch)
         ref_chosen, ref_rejected, features = self.reference(batch)
-        self.eval_mode()
-        with self.autocast():
+        graph = self.reuse_graph and torch.is_grad_enabled()
+        self.train_mode() if graph else self.eval_mode()
+        with torch.set_grad_enabled(graph), self.autocast():
             logps = torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)
         chosen, rejected = logps.chunk(2)  # (B, K) each
         lengths = batch["completion_mask"].sum(-1).float()
@@ -114,6 +118,35 @@ class ExpertBank:
             "rejected_lengths": lengths[chosen.shape[0] :],
             "features": features,
         }
+
+    @torch.no_grad()
+    def precompute_reference(self, examples: list[dict], pad_token_id: int, batch_size: int = 32, progress=None):
+        """Reference log-probs and features of every example, once per dataset (what TRL calls
+        ``precompute_ref_log_probs``); then no step runs the reference."""
+        from moedpo.data.tokenize import collate
+
+        missing = [e for e in examples if e["index"] not in self._ref_cache]
+        for start in range(0, len(missing), batch_size):
+            self.reference(self.to_device(collate(missing[start : start + batch_size], pad_token_id)))
+            if progress is not None:
+                progress(len(missing[start : start + batch_size]))
+
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        """The reference cache as tensors (for safetensors): index (N,), chosen/rejected (N,) or (N, K), features."""
+        index = sorted(self._ref_cache)
+        if not index:
+            return {}
+        return {
+            "index": torch.tensor(index),
+            "ref_chosen_logps": torch.stack([self._ref_cache[i][0] for i in index]),
+            "ref_rejected_logps": torch.stack([self._ref_cache[i][1] for i in index]),
+            "features": torch.stack([self._feature_cache[i] for i in index]),
+        }
+
+    def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
+        for j, i in enumerate(state["index"].tolist()):
+            self._ref_cache[i] = (state["ref_chosen_logps"][j].clone(), state["ref_rejected_logps"][j].clone())
+            self._feature_cache[i] = state["features"][j].clone()
 
     def backward(self, batch: dict, grad_chosen: torch.Tensor, grad_rejected: torch.Tensor) -> None:
         """Backpropagate d loss / d log-probs (B, K) into the experts, one expert's forward+backward at a time
@@ -182,10 +215,11 @@ class LoRABank(ExpertBank):
         seed: int = 0,
         reference_adapters: list[str] | None = None,
         autocast_dtype: torch.dtype | None = None,
+        reuse_graph: bool = False,
     ):
         from peft import LoraConfig, get_peft_model
 
-        super().__init__(autocast_dtype)
+        super().__init__(autocast_dtype, reuse_graph)
         self.num_experts = num_experts
         self.names = [f"expert_{k}" for k in range(num_experts)]
         config = LoraConfig(
@@ -237,8 +271,8 @@ class LoRABank(ExpertBank):
 
     def reference_pass(self, batch):
         with self.model.disable_adapter():
-            logps, outputs = self._logps(batch, return_outputs=True, output_hidden_states=True)
-        features = pooled_prompt_features(outputs.hidden_states[-1], batch["attention_mask"], batch["completion_mask"])
+            logps, hidden = self._logps(batch, return_hidden=True)
+        features = pooled_prompt_features(hidden, batch["attention_mask"], batch["completion_mask"])
         if self.reference_names is not None:
             per_expert = []
             for name in self.reference_names:

@@ -107,7 +107,9 @@ class HeadsBank(LoRABank):
             "index": torch.tensor([-1], device=self.device),
         }
         with self.model.disable_adapter():
-            full = sequence_logps(self.model, probe["input_ids"], probe["attention_mask"], probe["completion_mask"])
+            full = sequence_logps(
+                self.model, probe["input_ids"], probe["attention_mask"], probe["completion_mask"], fused=False
+            )
             split = self._top_logps(probe)
         self._trunk_key = None
         if not torch.allclose(full.float(), split.float(), atol=1e-4, rtol=1e-4):
@@ -122,8 +124,10 @@ class IndependentBank(ExpertBank):
     """K separate full models (small models only); the reference is the frozen original. Copies start apart by
     relative noise: each weight tensor gets ``0.1 * init_std * std(tensor)`` Gaussian noise."""
 
-    def __init__(self, model, num_experts: int, *, init_std: float = 0.0, seed: int = 0, autocast_dtype=None):
-        super().__init__(autocast_dtype)
+    def __init__(
+        self, model, num_experts: int, *, init_std: float = 0.0, seed: int = 0, autocast_dtype=None, reuse_graph=False
+    ):
+        super().__init__(autocast_dtype, reuse_graph)
         self.num_experts = num_experts
         self.reference_model = model.eval().requires_grad_(False)
         self.experts = nn.ModuleList()
@@ -148,15 +152,14 @@ class IndependentBank(ExpertBank):
         return sequence_logps(self.experts[k], batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
 
     def reference_pass(self, batch):
-        logps, out = sequence_logps(
+        logps, hidden = sequence_logps(
             self.reference_model,
             batch["input_ids"],
             batch["attention_mask"],
             batch["completion_mask"],
-            return_outputs=True,
-            output_hidden_states=True,
+            return_hidden=True,
         )
-        return logps, pooled_prompt_features(out.hidden_states[-1], batch["attention_mask"], batch["completion_mask"])
+        return logps, pooled_prompt_features(hidden, batch["attention_mask"], batch["completion_mask"])
 
     def save_experts(self, directory) -> None:
         """Full model folders ``directory/expert_<k>`` (``AutoModelForCausalLM.from_pretrained`` loads them)."""

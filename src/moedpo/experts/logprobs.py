@@ -1,14 +1,25 @@
 """Memory-light sequence log-probs over completion tokens.
 
-The model returns logits only for the positions that can hold completion tokens (``logits_to_keep``), and the
-log-softmax runs one sequence at a time, so no full float32 copy of the (2B, T, V) logits ever exists.
+Fused path (decoder-only models whose head is a plain projection: Llama, Mistral, Qwen, GPT-2, ...): the
+decoder gives hidden states, and the output head runs only on the positions that predict a completion token,
+a chunk of positions at a time, each chunk under activation checkpointing. So neither the (2B, T, V) logits
+nor their float32 copy ever exist, in the forward or for the backward: the peak is one chunk of
+``max_chunk_elements`` logits. Models whose forward does more than ``head(hidden)`` (logit soft-capping or
+scaling) are detected by a one-time probe against the plain forward and use the plain path, where the model
+returns logits only for positions that can hold completion tokens (``logits_to_keep``) and the log-softmax
+runs a few sequences at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+MAX_CHUNK_ELEMENTS = 2**25  # logits per chunk of the fused head: 128 MiB in float32
 
 
 def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
@@ -27,9 +38,78 @@ def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, chunk_rows
     return torch.cat(rows)
 
 
+def _head_chunk(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)  # (C, V)
+    logits = logits if logits.element_size() >= 4 else logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def head_log_softmax(head, hidden: torch.Tensor, labels: torch.Tensor, max_elements: int = MAX_CHUNK_ELEMENTS):
+    """log softmax(head(hidden))[labels] for M positions: (M, D), (M,) -> (M,) float32, chunk by chunk.
+
+    With grad enabled each chunk is checkpointed: its logits are recomputed in the backward, never stored.
+    """
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
+    size = max(1, max_elements // vocab)
+    adapters = getattr(head, "_active_adapter", None)  # a PEFT head: recompute with the adapter used now
+    contexts = lambda: (contextlib.nullcontext(), _with_adapter(head, adapters))  # noqa: E731
+    parts = []
+    for start in range(0, hidden.shape[0], size):
+        h, y = hidden[start : start + size], labels[start : start + size]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_head_chunk, head, h, y, use_reentrant=False, context_fn=contexts))
+        else:
+            parts.append(_head_chunk(head, h, y))
+    return torch.cat(parts) if parts else hidden.new_zeros(0).float()
+
+
+@contextlib.contextmanager
+def _with_adapter(head, adapters):
+    """During a checkpoint's recomputation, the PEFT adapter that was active in the forward (the bank may have
+    switched experts since)."""
+    if adapters is None:
+        yield
+        return
+    current, head._active_adapter = head._active_adapter, adapters
+    try:
+        yield
+    finally:
+        head._active_adapter = current
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _accepts_logits_to_keep(model) -> bool:
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(target.forward).parameters
+    return "logits_to_keep" in inspect.signature(_base(model).forward).parameters
+
+
+_FUSABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> fused path is exact
+
+
+def fusable(model) -> bool:
+    """Whether ``model``'s logits are ``head(decoder(x))`` (checked once per model on a probe)."""
+    base = _base(model)
+    if base not in _FUSABLE:
+        _FUSABLE[base] = _probe(model)
+    return _FUSABLE[base]
+
+
+@torch.no_grad()
+def _probe(model) -> bool:
+    base = _base(model)
+    if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
+        return False
+    device = next(base.parameters()).device
+    ids = torch.arange(1, 9, device=device).remainder(base.config.vocab_size).unsqueeze(0)
+    mask, completion = torch.ones_like(ids), torch.cat([torch.zeros_like(ids[:, :4]), torch.ones_like(ids[:, 4:])], 1)
+    try:
+        fused = _fused_logps(model, ids, mask, completion, {})[0]
+    except (AttributeError, TypeError, ValueError):
+        return False
+    plain = _plain_logps(model, ids, mask, completion, {})[0]
+    return bool(torch.allclose(fused.float(), plain.float(), atol=1e-3, rtol=1e-3))
 
 
 def sequence_logps(
@@ -37,19 +117,39 @@ def sequence_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
-    return_outputs: bool = False,
+    return_hidden: bool = False,
+    fused: bool | None = None,
     **forward_kwargs,
 ):
     """Sum of log pi(token | prefix) over completion tokens: (N, T) batch -> (N,) (float32 or wider).
 
     Extra keyword arguments go to the model (``inputs_embeds`` replaces ``input_ids`` as the model's input; the
-    labels still come from ``input_ids``). With ``return_outputs`` also returns the model's outputs.
+    labels still come from ``input_ids``). With ``return_hidden`` also returns the last hidden states (N, T, D).
+    ``fused=None`` takes the fused path where :func:`fusable` says it is exact.
     """
+    use_fused = fusable(model) if fused is None else fused
+    run = _fused_logps if use_fused else _plain_logps
+    logps, hidden = run(model, input_ids, attention_mask, completion_mask, forward_kwargs, want_hidden=return_hidden)
+    return (logps, hidden) if return_hidden else logps
+
+
+def _fused_logps(model, input_ids, attention_mask, completion_mask, kwargs, want_hidden=True):
+    base = _base(model)
+    inputs = {"inputs_embeds": kwargs["inputs_embeds"]} if "inputs_embeds" in kwargs else {"input_ids": input_ids}
+    hidden = base.get_decoder()(attention_mask=attention_mask, use_cache=False, **inputs).last_hidden_state
+    mask = completion_mask[:, 1:].bool()  # position t predicts token t + 1
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    token_logps = head_log_softmax(base.get_output_embeddings(), hidden[rows, cols], input_ids[rows, cols + 1])
+    logps = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=input_ids.device)
+    return logps.index_add(0, rows, token_logps), hidden
+
+
+def _plain_logps(model, input_ids, attention_mask, completion_mask, kwargs, want_hidden=True):
     labels = input_ids[:, 1:]
     mask = completion_mask[:, 1:].bool()
     first = int(mask.float().argmax(1).min()) if mask.any() else labels.shape[1] - 1  # first completion label
     keep = labels.shape[1] - first  # positions whose next token can be a completion token
-    kwargs = dict(forward_kwargs, use_cache=False)
+    kwargs = dict(kwargs, use_cache=False, output_hidden_states=want_hidden)
     if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep + 1  # the last position predicts nothing; trimmed below
     if "inputs_embeds" not in kwargs:
@@ -58,7 +158,7 @@ def sequence_logps(
     logits = outputs.logits[:, -(keep + 1) : -1]  # (N, keep, V): predictions for labels[:, first:]
     token_logps = selective_log_softmax(logits, labels[:, first:])
     logps = (token_logps * mask[:, first:]).sum(-1)
-    return (logps, outputs) if return_outputs else logps
+    return logps, (outputs.hidden_states[-1] if want_hidden else None)
 
 
 def pooled_prompt_features(hidden: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):

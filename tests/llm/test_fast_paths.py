@@ -1,0 +1,113 @@
+"""Each fast path gives the losses and gradients of the plain path (float32, tolerance 1e-5 unless stated):
+the fused chunked output head, the E-step on the update's own graph, reference log-probs computed once."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from moedpo.config import load_config
+from moedpo.data.builtin import make_builtin_rows, tiny_causal_lm
+from moedpo.data.formats import normalise_row
+from moedpo.data.tokenize import collate, tokenize_rows
+from moedpo.experts import HeadsBank, LoRABank
+from moedpo.experts import logprobs as lp
+from moedpo.inference import VariationalEM
+from moedpo.models import FixedGate
+from moedpo.training import REFERENCE_FILE, train
+
+
+@pytest.fixture
+def batch(tokenizer):
+    rows = [normalise_row(r, "builtin", i) for i, r in enumerate(make_builtin_rows(2, 4, seed=4))]
+    return collate(tokenize_rows(rows, tokenizer).examples[:6], tokenizer.pad_token_id)
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk", [lp.MAX_CHUNK_ELEMENTS, 3 * 70])  # one chunk, or chunks of 3 positions
+def test_fused_head_matches_the_plain_forward(tokenizer, batch, monkeypatch, chunk):
+    monkeypatch.setattr(lp, "MAX_CHUNK_ELEMENTS", chunk)
+    bank = LoRABank(tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id), 1, init_std=0.3)
+    values, grads = [], []
+    for fused in (False, True):
+        bank.model.zero_grad()
+        logps = lp.sequence_logps(
+            bank.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], fused=fused
+        )
+        (logps * torch.linspace(-1, 1, logps.numel())).sum().backward()
+        values.append(logps.detach())
+        grads.append(_grads(bank.model))
+    assert torch.allclose(values[0], values[1], atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and any("lm_head" in n for n in grads[0])
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+
+
+class ScaledHead(LlamaForCausalLM):
+    """A model whose forward does more than head(hidden) (like logit soft-capping or scaling)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 2 * out.logits
+        return out
+
+
+def test_models_whose_logits_are_not_head_of_hidden_use_the_plain_path(tokenizer, batch):
+    plain = tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id)
+    scaled = ScaledHead(plain.config)
+    scaled.load_state_dict(plain.state_dict())
+    assert lp.fusable(plain) and not lp.fusable(scaled)
+    got = lp.sequence_logps(scaled, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    expected = lp.sequence_logps(
+        scaled, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], fused=False
+    )
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("cls, k", [(LoRABank, 1), (LoRABank, 3), (HeadsBank, 2)], ids=["lora-1", "lora-3", "heads-2"])
+def test_e_step_on_the_updates_graph_equals_the_second_forward(tokenizer, batch, cls, k):
+    """One EM step (SGD, lr 0): gradients with the graph reused equal those of the no-grad pass + per-expert
+    forward/backward, and every expert runs once instead of twice."""
+    grads, calls = [], []
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        model = tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id)
+        bank = cls(model, k, init_std=0.3, reuse_graph=reuse)
+        count = []
+        original = bank.expert_logps
+        bank.expert_logps = lambda j, b, original=original, count=count: count.append(j) or original(j, b)
+        gate = FixedGate(k)
+        optimizer = torch.optim.SGD([*bank.trainable_parameters().values(), *gate.parameters()], lr=0.0)
+        loop = VariationalEM(bank, lambda b, _, gate=gate: gate(b["index"].numel()), optimizer, beta=0.5)
+        loop.step(batch)
+        grads.append({n: p.grad.clone() for n, p in bank.trainable_parameters().items() if p.grad is not None})
+        calls.append(len(count))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+    assert calls == [2 * k, k]
+
+
+def test_reference_log_probs_are_computed_once_and_kept_with_the_run(tmp_path, monkeypatch):
+    overrides = [
+        f"train.output_dir={tmp_path / 'run'}",
+        "model.hidden_size=32",
+        "data.annotators_per_type=2",
+        "data.pairs_per_annotator=8",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+        "train.eval_every=2",
+    ]
+    calls = []
+    original = LoRABank.reference_pass
+    monkeypatch.setattr(
+        LoRABank, "reference_pass", lambda self, b: calls.append(b["index"].numel()) or original(self, b)
+    )
+    run = train(load_config(overrides=overrides))
+    assert sum(calls) == 32  # every training and held-out example once, then never again (4 steps, 2 evals)
+    assert (run / REFERENCE_FILE).exists()
+    calls.clear()
+    train(load_config(overrides=[*overrides, "train.max_steps=6"]), resume=True)
+    assert calls == []  # --resume reads them from the run directory
