@@ -1,102 +1,201 @@
-"""moedpo's step vs TRL's DPOTrainer step on the same tiny model and batch, as ratios (one process, CPU).
+"""One moedpo EM step against one TRL DPOTrainer step, every row in one process, as ratios.
 
-    python benchmarks/vs_trl.py [--steps 10] [--hidden 128] [--layers 4]
+    python benchmarks/vs_trl.py --shape small                    # CPU: Llama-style 4 x 256, vocab 8192
+    python benchmarks/vs_trl.py --shape llama-1b --device cuda   # Llama-3.2-1B shape, random bf16 weights
 
-TRL: ``trainer.training_step`` + optimizer step, policy and reference both full models (bf16 off).
-moedpo: one ``VariationalEM.step`` (em schedule) with K independent full experts (K=1 is plain DPO) and with
-K LoRA experts; the reference log-probs are cached after the first step, as they are from the second epoch on.
+Batch: 8 pairs x (prompt + completion) random tokens (small: 32 + 96; llama-1b: 128 + 384). Baselines: TRL 1.16
+DPOTrainer, full fine-tune and LoRA r=16 on all linear layers (its reference forward every step). moedpo's banks
+run through ``VariationalEM``, LoRA r=16, reference log-probs cached (computed once per dataset). Prints
+seconds per step, ratios to both baselines and peak memory, then one JSON line; writes
+``benchmarks/results/vs_trl_<shape>_<device>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
+import gc
+import json
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from moedpo.data.builtin import make_builtin_rows, tiny_causal_lm, train_tokenizer
-from moedpo.experts import IndependentBank, LoRABank
-from moedpo.inference import VariationalEM
-from moedpo.models import FixedGate
+SHAPES = {
+    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, mlp=688, vocab=8192, prompt=32, completion=96),
+    "llama-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, mlp=8192, vocab=128256, prompt=128, completion=384),
+}
+PAIRS = 8
 
 
-def timed(fn, steps, warmup=2):
+def build_model(shape: dict, device: str, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["mlp"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model
+
+
+def random_batch(shape: dict, device: str) -> dict:
+    """[chosen; rejected] (2B, T) right-padded: completions of unequal lengths (3/4 to all of the budget)."""
+    generator = torch.Generator().manual_seed(0)
+    prompt, completion = shape["prompt"], shape["completion"]
+    total = prompt + completion
+    ids = torch.randint(3, shape["vocab"], (2 * PAIRS, total), generator=generator)
+    lengths = torch.randint(3 * completion // 4, completion + 1, (2 * PAIRS,), generator=generator)
+    positions = torch.arange(total)
+    attention = (positions < prompt + lengths.unsqueeze(1)).long()
+    completion_mask = attention * (positions >= prompt).long()
+    ids = ids * attention
+    batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion_mask}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["index"] = torch.arange(PAIRS, device=device)
+    batch["user"] = torch.zeros(PAIRS, dtype=torch.long, device=device)
+    return batch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(step, device: str, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds per step, peak GiB) after ``warmup`` steps."""
     for _ in range(warmup):
-        fn()
+        step()
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    return seconds, peak
 
 
-def trl_step_time(model, tokenizer, rows, args):
+def trl_row(shape, device, dtype, lora: bool, args):
     import trl
     from datasets import Dataset
+    from peft import LoraConfig
 
-    config = trl.DPOConfig(
-        output_dir=tempfile.mkdtemp(),
-        use_cpu=True,
-        beta=0.5,
-        bf16=False,
-        report_to=[],
-        per_device_train_batch_size=args.batch,
-        max_length=64,
-        loss_type=["sigmoid"],
-    )
+    from moedpo.data.builtin import make_builtin_rows, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in make_builtin_rows(1, 4)]
+    model = build_model(shape, device, dtype)
+    options = dict(output_dir="/tmp/moedpo-bench-trl", report_to=[], per_device_train_batch_size=PAIRS, beta=0.1)
+    options.update(use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, max_length=None, learning_rate=1e-5)
+    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+    reference = None if lora else copy.deepcopy(model)
     trainer = trl.DPOTrainer(
         model=model,
-        ref_model=copy.deepcopy(model),
-        args=config,
+        ref_model=reference,
+        args=trl.DPOConfig(**options),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
-    batch = next(iter(trainer.get_train_dataloader()))
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we call training_step directly
+    batch = {
+        k: v for k, v in random_batch(shape, device).items() if k in ("input_ids", "attention_mask", "completion_mask")
+    }
 
     def step():
         trainer.training_step(trainer.model, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
 
-    return timed(step, args.steps), batch
+    return measure(step, device, args.warmup, args.steps)
 
 
-def moedpo_step_time(bank, batch, args):
-    gate = FixedGate(bank.num_experts)
-    ours = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
-    ours["index"] = torch.arange(batch["input_ids"].shape[0] // 2)
+def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str, args):
+    from moedpo.builders import reuse_graph_by_default
+    from moedpo.experts import HeadsBank, LoRABank
+    from moedpo.inference import VariationalEM
+    from moedpo.models import FixedGate
 
-    optimizer = torch.optim.AdamW(bank.trainable_parameters().values(), lr=1e-4)
-    loop = VariationalEM(bank, lambda b, _: gate(b["index"].numel()), optimizer, beta=0.5)
-    return timed(lambda: loop.step(ours), args.steps)
+    model = build_model(shape, device, dtype)
+    autocast = torch.bfloat16 if device.startswith("cuda") else None
+    reuse = reuse_graph_by_default(mode, k, schedule)  # as moedpo train's experts.reuse_graph=auto
+    options = dict(r=16, alpha=32, init_std=0.01, autocast_dtype=autocast, reuse_graph=reuse)
+    bank = HeadsBank(model, k, top_layers=2, **options) if mode == "heads" else LoRABank(model, k, **options)
+    gate = FixedGate(k).to(device)
+    params = [*bank.trainable_parameters().values(), *gate.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    loop = VariationalEM(bank, lambda b, _: gate(b["index"].numel()), optimizer, beta=0.1, schedule=schedule)
+    batch = random_batch(shape, device)
+    bank.reference(batch)  # cached reference log-probs: computed once per dataset, as in training
+    return measure(lambda: loop.step(batch), device, args.warmup, args.steps)
+
+
+ROWS = [
+    ("TRL DPOTrainer, full fine-tune", "trl", False, 0, ""),
+    ("TRL DPOTrainer, LoRA all linear", "trl", True, 0, ""),
+    ("moedpo lora K=1", "lora", None, 1, "em"),
+    ("moedpo lora K=4", "lora", None, 4, "em"),
+    ("moedpo lora K=4, sparse (gumbel)", "lora", None, 4, "gumbel"),
+    ("moedpo heads top_layers=2, K=1", "heads", None, 1, "em"),
+    ("moedpo heads top_layers=2, K=4", "heads", None, 4, "em"),
+    ("moedpo heads top_layers=2, K=4, sparse", "heads", None, 4, "gumbel"),
+    ("moedpo heads top_layers=2, K=8", "heads", None, 8, "em"),
+]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 3 CPU, 5 CUDA)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="moedpo rows to run (substring of the label); default all")
+    parser.add_argument("--out", help="JSON file (default benchmarks/results/vs_trl_<shape>_<device>.json)")
     args = parser.parse_args()
+    args.steps = args.steps or (5 if args.device.startswith("cuda") else 3)
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    tokenizer = train_tokenizer()
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in make_builtin_rows(4, 8)]
-    model = tiny_causal_lm(len(tokenizer), args.hidden, args.layers, pad_token_id=tokenizer.pad_token_id)
-    trl_time, batch = trl_step_time(copy.deepcopy(model), tokenizer, rows, args)
-    print(f"hidden={args.hidden} layers={args.layers} batch={args.batch} pairs, CPU threads={torch.get_num_threads()}")
-    print(f"{'trainer':<28}{'s/step':>9}{'x TRL':>8}")
-    print(f"{'TRL DPOTrainer':<28}{trl_time:>9.4f}{1.0:>8.2f}")
-    for k in (1, 2, 4):
-        seconds = moedpo_step_time(IndependentBank(copy.deepcopy(model), k), batch, args)
-        print(f"{f'moedpo independent K={k}':<28}{seconds:>9.4f}{seconds / trl_time:>8.2f}", flush=True)
-    for k in (1, 2, 4):
-        seconds = moedpo_step_time(LoRABank(copy.deepcopy(model), k), batch, args)
-        print(f"{f'moedpo lora K={k}':<28}{seconds:>9.4f}{seconds / trl_time:>8.2f}", flush=True)
+    shape, device = SHAPES[args.shape], args.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"shape={args.shape} {shape} pairs={PAIRS} device={name} dtype={dtype}", flush=True)
+    print(f"{'config':<42}{'s/step':>9}{'x TRL FT':>10}{'x TRL LoRA':>12}{'peak GiB':>10}", flush=True)
+    results = {}
+    for label, kind, lora, k, schedule in ROWS:
+        if args.only and not any(o in label for o in args.only) and kind != "trl":
+            continue
+        if kind == "trl":
+            seconds, peak = trl_row(shape, device, dtype, lora, args)
+        else:
+            seconds, peak = moedpo_row(shape, device, dtype, kind, k, schedule, args)
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        results[label] = {"s_per_step": seconds, "peak_gib": peak}
+        full, lora_base = results[ROWS[0][0]]["s_per_step"], results.get(ROWS[1][0], {}).get("s_per_step")
+        results[label]["x_trl_full_ft"] = seconds / full
+        results[label]["x_trl_lora"] = seconds / lora_base if lora_base else None
+        ratio_lora = f"{seconds / lora_base:>12.2f}" if lora_base else f"{'':>12}"
+        print(f"{label:<42}{seconds:>9.3f}{seconds / full:>10.2f}{ratio_lora}{peak:>10.1f}", flush=True)
+    summary = {"shape": args.shape, "device": name, "pairs": PAIRS, "rows": results}
+    default = Path(__file__).resolve().parent / "results" / f"vs_trl_{args.shape}_{device.split(':')[0]}.json"
+    out = Path(args.out) if args.out else default
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

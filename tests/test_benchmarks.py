@@ -1,10 +1,9 @@
 """The benchmark scripts still run (one tiny step each) and print their ratio tables."""
 
+import json
 import pathlib
 import subprocess
 import sys
-
-import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -22,7 +21,8 @@ def test_step_cost_runs():
     assert "lora-sparse" in out and "x K=1" in out
 
 
-@pytest.mark.slow
-def test_vs_trl_runs():
-    out = run("vs_trl.py", "--steps", "1", "--hidden", "32", "--layers", "2")
-    assert "TRL DPOTrainer" in out and "moedpo lora K=4" in out
+def test_vs_trl_runs(tmp_path):
+    out = run("vs_trl.py", "--shape", "small", "--steps", "1", "--warmup", "0", "--only", "heads top_layers=2, K=1",
+              "--out", str(tmp_path / "r.json"))  # fmt: skip
+    assert "TRL DPOTrainer, LoRA all linear" in out and "moedpo heads top_layers=2, K=1" in out
+    assert json.loads(out.strip().splitlines()[-1])["rows"]["moedpo heads top_layers=2, K=1"]["x_trl_full_ft"] > 0

@@ -142,14 +142,24 @@ def disable_dropout(model) -> None:
             module.p = 0.0
 
 
+def reuse_graph_by_default(mode: str, num_experts: int, schedule: str) -> bool:
+    """Whether the E-step reuses the update's forward: it then holds every expert's activations at once, so only
+    for K = 1, or heads mode (an expert's activations are its top layers) with K <= 8; never for sparse updates
+    (``gumbel`` runs only the drawn expert's forward and backward)."""
+    if schedule == "gumbel":
+        return False
+    return num_experts == 1 or (mode == "heads" and num_experts <= 8)
+
+
 def build_bank(config: Config, model, device: torch.device):
     e = config.experts
     if config.train.disable_dropout:
         disable_dropout(model)
     model = model.to(device)
     dtype = autocast_dtype(config, device)
-    # reusing the update's graph for the E-step holds K experts' activations at once: by default only for K = 1
-    reuse = e.reuse_graph == "true" or (e.reuse_graph == "auto" and e.num_experts == 1)
+    reuse = e.reuse_graph == "true" or (
+        e.reuse_graph == "auto" and reuse_graph_by_default(e.mode, e.num_experts, config.em.schedule)
+    )
     if e.mode == "independent":
         return IndependentBank(
             model, e.num_experts, init_std=e.init_std, seed=config.train.seed, autocast_dtype=dtype, reuse_graph=reuse

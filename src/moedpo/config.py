@@ -47,7 +47,7 @@ class ExpertsConfig:
     top_layers: int = 1  # heads mode: decoder layers each expert owns
     init_std: float = 0.2  # distinct expert initialisation (LoRA B noise; parameter noise for independent)
     reference_adapters: list | None = None  # per-expert reference pi_ref(k): one PEFT adapter folder per expert
-    reuse_graph: str = "auto"  # E-step on the update's own forward (no second pass): auto (K=1) | true | false
+    reuse_graph: str = "auto"  # E-step on the update's own forward: auto (K=1, heads K<=8, not gumbel) | true | false
 
 
 @dataclass

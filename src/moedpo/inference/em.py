@@ -77,6 +77,7 @@ class VariationalEM:
         clip_grad_norm: float | None = None,
         lr_scheduler=None,
         sync=None,
+        latent_device: str | torch.device | None = None,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
@@ -94,6 +95,7 @@ class VariationalEM:
         self.load_balance, self.usage_entropy = load_balance, usage_entropy
         self.clip_grad_norm, self.lr_scheduler = clip_grad_norm, lr_scheduler
         self.sync = sync  # moedpo.distributed.DataParallel: sums across processes (None: one process)
+        self.latent_device = latent_device  # where the Pyro E-step and M-step objective run (None: h's device)
         self.num_steps = 0
         self.metrics: dict[str, float] = {}
 
@@ -112,6 +114,8 @@ class VariationalEM:
                 out = as_dict(self.experts.margins(batch))  # margins (B, K)
                 h, leaves = margins_with_leaves(out)
                 gate_logits, extra = gate_output(self.gate(batch, out))  # gate
+                if self.latent_device is not None:  # copies keep the graph to the experts' device
+                    h, gate_logits, extra = _to(self.latent_device, h, gate_logits, extra)
                 args = (h, gate_logits, self.beta, torch.ones(h.shape[0], dtype=h.dtype, device=h.device))
                 kwargs = {"label_smoothing": self.label_smoothing, **extra}
                 if e_steps[i] is None:
@@ -186,7 +190,7 @@ class VariationalEM:
             return
         logits = self.closed_form_gate.logits
         with torch.no_grad():
-            total = sum((q.reshape(-1, q.shape[-1]).sum(0) for q in gate_qs), torch.zeros_like(logits))
+            total = sum((q.reshape(-1, q.shape[-1]).sum(0).to(logits) for q in gate_qs), torch.zeros_like(logits))
             count = torch.tensor(float(sum(q.reshape(-1, q.shape[-1]).shape[0] for q in gate_qs)), device=logits.device)
             if self.sync is not None:  # the mean over every process's latent units
                 total, count = self.sync.sum(total), self.sync.sum(count)
@@ -199,3 +203,9 @@ class VariationalEM:
         if self.sync is None:
             return float(value)
         return float(self.sync.sum(torch.tensor(float(value), dtype=torch.float64)))
+
+
+def _to(device: torch.device, h: torch.Tensor, gate_logits: torch.Tensor, extra: dict):
+    """h, gate logits and the model's tensor keyword arguments on ``device`` (differentiable copies)."""
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return move(h), move(gate_logits), {k: move(v) for k, v in extra.items()}
