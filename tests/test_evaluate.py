@@ -57,3 +57,31 @@ def test_user_posteriors_use_label_smoothing_and_the_nll_stays_finite():
     q = expected.float()
     nll = -torch.logsumexp(q.log() + log_likelihood(h[8:], 0.5, 0.3), -1).mean()
     assert abs(metrics["eval/mixture_nll"] - float(nll)) < 1e-4 and metrics["eval/mixture_nll"] < 5
+
+
+def test_an_annotator_without_training_pairs_gets_the_gate_prior():
+    torch.manual_seed(1)
+    h = torch.randn(6, 2) * 3
+    examples = [example(i, u, None) for i, u in enumerate([0, 0, 1, 1, 2, 2])]  # annotator 2: held out only
+    config = load_config(overrides=["em.beta=0.5", "experts.num_experts=2"])
+    gate = Router(FixedGate(2, weights=torch.tensor([0.7, 0.3]), learnable=False), "fixed", "user")
+    run = SimpleNamespace(
+        config=config, bank=TableBank(h), gate=gate, model=user_bt_model, tokenizer=SimpleNamespace(pad_token_id=0)
+    )
+    _, details = evaluate(run, examples[:4], [examples[1], examples[4], examples[5]])
+    assert torch.allclose(details["weights"][1:], torch.tensor([[0.7, 0.3]] * 2), atol=1e-6)
+    assert torch.allclose(details["weights"][0], details["user_responsibilities"][0])
+
+
+def test_user_scope_router_reads_each_annotators_own_features():
+    """Pairs of annotators [1, 0, 1, 2] with distinct feature rows: row u of the logits uses annotator u's."""
+    from moedpo.models import UserGate
+
+    net = UserGate(3, num_users=0, user_feature_dim=2, hidden=4)
+    router = Router(net, "user", "user", user_features=True)
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [5.0, -5.0]])  # annotator 1, 0, 1, 2
+    batch = {"user": torch.tensor([1, 0, 1, 2]), "user_features": features}
+    logits, extra = router.logits(batch, None)
+    own = {1: features[0], 0: features[1], 2: features[3]}
+    expected = torch.stack([net(user_features=own[u].unsqueeze(0))[0] for u in (0, 1, 2)])
+    assert torch.allclose(logits, expected) and extra["user_index"].tolist() == [1, 0, 1, 2]

@@ -108,6 +108,9 @@ def test_dropout_is_off_for_the_e_step_and_on_for_the_update(tiny_model, batch):
     bank.expert_logps = lambda k, b: modes.append(bank.model.training) or original(k, b)
     bank.backward(batch, torch.ones(6, 1), -torch.ones(6, 1))
     assert modes == [True]
+    bank.expert_logps = original  # after an update (train mode), the next E-step pass is deterministic again
+    again = bank.margins(batch)["chosen_logps"]
+    assert torch.equal(again, bank.margins(batch)["chosen_logps"]) and not bank.model.training
 
 
 def test_heads_trunk_runs_once_and_matches_full_forward(tiny_model, batch):

@@ -255,3 +255,36 @@ def test_malformed_implicit_rows_still_raise(record, field, words):
     with pytest.raises(PreferenceDataError, match=words) as info:
         normalise_row(record, "hh.jsonl", 7)
     assert (info.value.source, info.value.row, info.value.field) == ("hh.jsonl", 7, field)
+
+
+def _exactly(tokenizer, tokens: int) -> str:
+    """A prompt of exactly ``tokens`` tokens for ``tokenizer`` (its own special tokens counted)."""
+    text = ""
+    while len(tokenizer(text + " garden")["input_ids"]) <= tokens:
+        text += " garden"
+    assert len(tokenizer(text)["input_ids"]) == tokens
+    return text
+
+
+@pytest.mark.filterwarnings(*TRL_WARNINGS)
+def test_edge_rows_match_trl(gpt2_tokenizer, tmp_path):
+    """Rows at the edges of TRL's rules: only one completion merges with the prompt across the boundary; a
+    completion that already ends with the EOS text (no second EOS); a prompt of exactly max_length tokens
+    (dropped under keep_start, as TRL drops it) and one of max_length - 1 (kept)."""
+    eos = gpt2_tokenizer.eos_token
+    records = [
+        {"prompt": "Answer: ", "chosen": "Yes", "rejected": "\nNo"},
+        {"prompt": "Answer: ", "chosen": "\nYes", "rejected": "Yes"},  # only the rejected one merges
+        {"prompt": "tell the beach :", "chosen": " bright sky" + eos, "rejected": " grey sky"},
+        {"prompt": _exactly(gpt2_tokenizer, 24), "chosen": " calm", "rejected": " wild"},
+        {"prompt": _exactly(gpt2_tokenizer, 23), "chosen": " calm", "rejected": " wild"},
+    ]
+    expected = _trl_sequences(gpt2_tokenizer, records, 24, "keep_start", tmp_path)
+    rows = [normalise_row(r, "edge", i) for i, r in enumerate(records)]
+    out = tokenize_rows(rows, gpt2_tokenizer, source="edge", max_length=24, truncation_mode="keep_start")
+    ours = _sequences(collate(out.examples, _pad_id(gpt2_tokenizer)), [e["index"] for e in out.examples])
+    assert sorted(expected) == sorted(ours) == [0, 1, 2, 4] and [i for i, _ in out.dropped] == [3]
+    for row in ours:
+        for what, a, b in zip(PARTS, ours[row], expected[row], strict=True):
+            assert a == b, f"row {row} {what} differ {_first_difference(a, b)}"
+    assert ours[2][0].count(gpt2_tokenizer.eos_token_id) == 1
