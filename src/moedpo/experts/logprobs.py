@@ -47,16 +47,17 @@ def _head_chunk(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def head_log_softmax(head, hidden: torch.Tensor, labels: torch.Tensor, max_elements: int = MAX_CHUNK_ELEMENTS):
     """log softmax(head(hidden))[labels] for M positions: (M, D), (M,) -> (M,) float32, chunk by chunk.
 
-    With grad enabled each chunk is checkpointed: its logits are recomputed in the backward, never stored.
+    With grad enabled and more than one chunk, each chunk is checkpointed: its logits are recomputed in the
+    backward, never stored (a single chunk is within the memory budget and is kept).
     """
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     size = max(1, max_elements // vocab)
     adapters = getattr(head, "_active_adapter", None)  # a PEFT head: recompute with the adapter used now
     contexts = lambda: (contextlib.nullcontext(), _with_adapter(head, adapters))  # noqa: E731
-    parts = []
+    parts, chunked = [], hidden.shape[0] > size  # one chunk fits the budget: keep its logits, no recompute
     for start in range(0, hidden.shape[0], size):
         h, y = hidden[start : start + size], labels[start : start + size]
-        if torch.is_grad_enabled():
+        if chunked and torch.is_grad_enabled():
             parts.append(checkpoint(_head_chunk, head, h, y, use_reentrant=False, context_fn=contexts))
         else:
             parts.append(_head_chunk(head, h, y))
