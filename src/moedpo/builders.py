@@ -102,9 +102,16 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
         truncated = tokenized.num_truncated + held.num_truncated
         dropped = tokenized.num_dropped + held.num_dropped
     else:
+        has_ids = any(not u.startswith("__row_") for u in tokenized.user_ids)
+        if config.em.scope == "user" and not has_ids:
+            raise ConfigError(
+                f"{d.source}: no user_id column, but em.scope=user needs annotator ids (one latent type per "
+                "annotator). Set em.scope=pair (one latent per comparison; gate.type=mlp routes by prompt) "
+                "or add a user_id column"
+            )
         by_user: dict[int, list[dict]] = {}
-        for e in tokenized.examples:
-            by_user.setdefault(e["user"], []).append(e)
+        for e in tokenized.examples:  # held-out pairs: a share of each annotator's, or of all pairs without ids
+            by_user.setdefault(e["user"] if has_ids else 0, []).append(e)
         rng = random.Random(config.train.seed)
         train, evaluation = [], []
         for examples in by_user.values():

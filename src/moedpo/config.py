@@ -166,7 +166,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML scalars)."""
     config = Config()
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            what = "a directory" if Path(path).is_dir() else "not found"
+            raise ConfigError(f"--config {path}: {what}; expected a YAML file (see examples/configs/)")
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
         for section_name, values in data.items():

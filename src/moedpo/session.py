@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from moedpo.builders import attach_encoder_features, build_run, resolve_device
-from moedpo.config import load_config
+from moedpo.config import ConfigError, load_config
 from moedpo.data.loading import load_preference_rows
 from moedpo.data.tokenize import collate, prompt_input_ids, tokenize_rows
 from moedpo.eval.evaluate import evaluate, user_posteriors
@@ -59,9 +59,9 @@ class RunSession:
     def route(self, prompt: str, user: str | None = None) -> torch.Tensor:
         """Expert weights (K,) for a prompt: the annotator's posterior (user scope), else the gate's prior."""
         if user is not None and user not in self.user_ids:
-            raise ValueError(f"--user {user!r}: not an annotator of this run (e.g. {self.user_ids[:3]})")
+            raise ConfigError(f"--user {user!r}: not an annotator of this run (e.g. {self.user_ids[:3]})")
         if self.config.gate.type == "user" and user is None:
-            raise ValueError(f"this run's gate is user-conditioned: pass --user (one of {self.user_ids[:5]}...)")
+            raise ConfigError(f"this run's gate is user-conditioned: pass --user (one of {self.user_ids[:5]}...)")
         user_index = self.user_ids.index(user) if user is not None else 0
         if self.config.em.scope == "user" and user is not None:
             own = [e for e in self.run.data.train if e["user"] == user_index]
@@ -111,6 +111,6 @@ def generate(run_dir, prompt: str, user: str | None, expert: str, max_new_tokens
     session = RunSession(run_dir)
     num_experts = session.config.experts.num_experts
     if expert != "auto" and not (expert.isdigit() and int(expert) < num_experts):
-        raise ValueError(f"--expert {expert}: expected auto or 0..{num_experts - 1}")
+        raise ConfigError(f"--expert {expert}: expected auto or an expert index 0..{num_experts - 1}")
     k = int(session.route(prompt, user).argmax()) if expert == "auto" else int(expert)
     return k, session.generate(prompt, k, max_new_tokens)

@@ -4,6 +4,7 @@ before anything is used (a bad row stops the run with file, row and field; nothi
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -12,22 +13,35 @@ from moedpo.data.formats import PreferenceDataError, PreferenceRow, normalise_ro
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
+def _text(path: Path) -> str:
+    """The file as UTF-8 text, or a named error with the (0-based) line of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n")
+        problem = f"not UTF-8 text (byte 0x{data[err.start]:02x}); re-save the file as UTF-8"
+        raise PreferenceDataError(str(path), line, "<file>", problem) from None
+
+
 def _read_records(path: Path) -> list:
     suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        problem = f"unsupported file type {suffix!r}; expected one of {SUFFIXES} or a datasets folder"
+        raise PreferenceDataError(str(path), 0, "<file>", problem)
     if suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise PreferenceDataError(str(path), i, "<row>", f"invalid JSON ({err.msg})") from None
+        for i, line in enumerate(_text(path).splitlines()):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise PreferenceDataError(str(path), i, "<row>", f"invalid JSON ({err.msg})") from None
         return records
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_text(path))
         except json.JSONDecodeError as err:
             raise PreferenceDataError(
                 str(path), 0, "<file>", f"invalid JSON at line {err.lineno} ({err.msg})"
@@ -38,13 +52,11 @@ def _read_records(path: Path) -> list:
             raise PreferenceDataError(str(path), 0, "<file>", "expected a JSON list of rows (or {'data': [...]})")
         return data
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        rows = csv.DictReader(io.StringIO(_text(path), newline=""))
+        return [{k: (v if v != "" else None) for k, v in row.items()} for row in rows]
+    import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of {SUFFIXES}")
+    return pq.read_table(path).to_pylist()
 
 
 def load_preference_rows(source: str, split: str = "train") -> list[PreferenceRow]:

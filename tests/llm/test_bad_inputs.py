@@ -1,0 +1,69 @@
+"""Bad input fails with a named error (file, row, field, what to do), exit code 2, and nothing left behind."""
+
+import json
+
+import pytest
+
+from moedpo.cli import main
+from moedpo.data.builtin import make_builtin_rows
+
+SMALL = ["model.hidden_size=32", "train.max_steps=2", "train.eval_every=0"]
+
+
+def rows(n=8, user=True):
+    out = make_builtin_rows(2, n // 4, seed=1)
+    return [{k: v for k, v in r.items() if user or k != "user_id"} for r in out]
+
+
+def run(tmp_path, capsys, *args):
+    code = main(list(args))
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        (
+            "latin1.jsonl",
+            b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
+            "row 0: field '<file>': not UTF-8",
+        ),
+        ("prefs.txt", b"prompt chosen rejected\n", "unsupported file type '.txt'"),
+        (
+            "bad.jsonl",
+            b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{oops\n',
+            "row 1: field '<row>': invalid JSON",
+        ),
+    ],
+)
+def test_bad_files_exit_2_with_the_file_row_and_field(tmp_path, capsys, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, err = run(tmp_path, capsys, "train", f"data.source={path}", f"train.output_dir={tmp_path / 'run'}", *SMALL)
+    assert code == 2 and words in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_user_id_under_user_scope_says_which_keys_to_set(tmp_path, capsys):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows(user=False)))
+    args = ["train", f"data.source={path}", f"train.output_dir={tmp_path / 'run'}", *SMALL]
+    code, err = run(tmp_path, capsys, *args)
+    assert code == 2 and "no user_id column" in err and "em.scope=pair" in err and not (tmp_path / "run").exists()
+    assert main([*args, "em.scope=pair"]) == 0  # pair scope holds out a share of all pairs
+    report = json.loads((tmp_path / "run" / "report" / "eval.json").read_text())
+    assert len(report["examples"]) == 2  # 8 pairs, eval_fraction 0.25
+
+
+def test_config_that_is_a_directory_and_bad_generate_arguments(tmp_path, capsys):
+    code, err = run(tmp_path, capsys, "train", "--config", str(tmp_path))
+    assert code == 2 and "a directory; expected a YAML file" in err
+    assert main(["train", f"train.output_dir={tmp_path / 'run'}", "data.annotators_per_type=2", *SMALL]) == 0
+    for expert in ("5", "foo"):
+        code, err = run(
+            tmp_path, capsys, "generate", str(tmp_path / "run"), "--prompt", "describe :", "--expert", expert
+        )
+        assert code == 2 and "expected auto or an expert index 0..1" in err
+    code, err = run(tmp_path, capsys, "generate", str(tmp_path / "run"), "--prompt", "describe :", "--user", "nobody")
+    assert code == 2 and "not an annotator of this run" in err
