@@ -32,3 +32,23 @@ def test_loss_types_reach_the_config():
 def test_latent_model_and_guide_are_config_keys():
     config = load_config(overrides=["em.model=mypkg.models:hierarchical", "em.guide=mypkg.guides:q", "em.schedule=svi"])
     assert (config.em.model, config.em.guide) == ("mypkg.models:hierarchical", "mypkg.guides:q")
+
+
+def test_config_command_lists_every_key_with_a_meaning_and_reloads(tmp_path, capsys):
+    """``moedpo config`` prints every key (value, type, meaning) as YAML that loads back to the same config."""
+    import dataclasses
+
+    from moedpo.cli import main
+
+    assert main(["config", "experts.num_experts=3", "em.scope=pair"]) == 0
+    text = capsys.readouterr().out
+    config = load_config(overrides=["experts.num_experts=3", "em.scope=pair"])
+    keys = [
+        f"{s.name}.{f.name}" for s in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, s.name))
+    ]
+    lines = [line for line in text.splitlines() if line.startswith("  ")]
+    assert len(lines) == len(keys)
+    for line in lines:  # "  key: value  # type; meaning"
+        assert "# " in line and "; " in line.split("# ", 1)[1], line
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(tmp_path / "c.yaml") == config

@@ -1,4 +1,4 @@
-"""Command line: ``moedpo train``, ``moedpo eval``, ``moedpo generate``."""
+"""Command line: ``moedpo train``, ``moedpo eval``, ``moedpo generate``, ``moedpo config``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def main(argv=None) -> int:
     p_eval = sub.add_parser("eval", help="held-out mixture and per-expert accuracy of a run")
     p_eval.add_argument("run_dir")
     p_eval.add_argument("--data", help="held-out preference file (default: the run's own held-out split)")
+    p_config = sub.add_parser("config", help="print every config key with its value, type and meaning")
+    p_config.add_argument("--config", help="YAML config file: print it resolved (defaults filled in)")
+    p_config.add_argument("overrides", nargs="*", help="section.key=value")
     p_gen = sub.add_parser("generate", help="route a prompt by the gate and generate with that expert")
     p_gen.add_argument("run_dir")
     p_gen.add_argument("--prompt", required=True)
@@ -39,6 +42,10 @@ def main(argv=None) -> int:
 
             run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
             print(f"run directory: {run_dir}")
+        elif args.command == "config":
+            from moedpo.config import describe
+
+            print(describe(load_config(args.config, args.overrides)), end="")
         elif args.command == "eval":
             from moedpo.session import evaluate_run
 

@@ -25,11 +25,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "builtin"  # "builtin", "builtin:domain", a JSON/JSONL/CSV/Parquet file or a datasets name
-    split: str = "train"
+    split: str = "train"  # datasets split (hub names and folders)
     eval_source: str | None = None  # held-out file; default: eval_fraction of each annotator's pairs
-    eval_fraction: float = 0.25
-    max_length: int | None = 256
-    max_prompt_length: int | None = None
+    eval_fraction: float = 0.25  # share of each annotator's pairs held out (of all pairs without user_id)
+    max_length: int | None = 256  # tokens of prompt + completion (TRL); longer prompts are dropped under keep_start
+    max_prompt_length: int | None = None  # keep the last N prompt tokens (moedpo only; TRL 1.16 has none)
     truncation_mode: str = "keep_start"  # keep_start | keep_end (TRL)
     annotators_per_type: int = 10  # builtin only
     pairs_per_annotator: int = 40  # builtin only (30 train + 10 held-out pairs each with eval_fraction 0.25)
@@ -38,10 +38,10 @@ class DataConfig:
 @dataclass
 class ExpertsConfig:
     mode: str = "lora"  # lora | heads | independent
-    num_experts: int = 2
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    num_experts: int = 2  # K: expert policies (latent annotator types)
+    lora_r: int = 8  # LoRA rank of each expert
+    lora_alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input, in the update only
     target_modules: Any = "all-linear+head"  # PEFT names/regex; all-linear+head adds the output head
     output_head: bool = True  # heads mode: each expert also owns a LoRA on the output head
     top_layers: int = 1  # heads mode: decoder layers each expert owns
@@ -54,8 +54,8 @@ class ExpertsConfig:
 class GateConfig:
     type: str = "fixed"  # fixed (Mix-DPO) | mlp (MoE-DPO on prompt features) | user (user-id embedding)
     closed_form: bool = True  # fixed gate: w = running mean of the responsibilities
-    momentum: float = 0.9
-    hidden: int = 64
+    momentum: float = 0.9  # closed-form gate: w <- momentum * w + (1 - momentum) * mean posterior
+    hidden: int = 64  # hidden width of the mlp / user gate network
     encoder: str | None = None  # prompt features from a sentence encoder (name/folder) instead of the base
     user_features: bool = False  # user gate: also read the user_features column
 
@@ -66,34 +66,34 @@ class EMConfig:
     scope: str = "user"  # user (one latent per annotator) | pair (one latent per comparison)
     model: str | None = None  # latent model: mixture | user | package.module:name (default: the scope's built-in)
     guide: str | None = None  # svi only: a Pyro guide, package.module:name (default: exact enumeration)
-    beta: float = 0.5
+    beta: float = 0.5  # DPO beta: KL strength; reward difference = beta * margin
     label_smoothing: float = 0.0  # robust / conservative DPO link, in [0, 0.5)
     m_steps: int = 1  # M-step updates per E-step (the learning-rate schedule counts EM steps)
-    load_balance: float = 0.0
-    usage_entropy: float = 0.0
+    load_balance: float = 0.0  # weight of the Switch-style load-balancing term on the gate
+    usage_entropy: float = 0.0  # weight of -H(mean gate weights): spreads use over experts
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/moedpo-{time}"  # {time} becomes the start time, so reruns never collide
-    overwrite: bool = False
-    seed: int = 0
-    max_steps: int = 150
-    learning_rate: float = 1e-2
-    weight_decay: float = 0.0
+    overwrite: bool = False  # replace a non-empty train.output_dir
+    seed: int = 0  # data split, batches, initialisation
+    max_steps: int = 150  # EM steps (each: one E-step and em.m_steps updates)
+    learning_rate: float = 1e-2  # AdamW learning rate (experts and gate)
+    weight_decay: float = 0.0  # AdamW weight decay
     lr_scheduler: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # linear learning-rate warmup, in EM steps
     batch_size: int = 16  # pairs per step (pair scope)
     users_per_batch: int = 2  # annotators per step, all their pairs (user scope)
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = 1  # micro-batches per update (the loss is normalised globally)
+    max_grad_norm: float | None = 1.0  # gradient clipping (empty: none)
     loss_type: str = "sigmoid"  # per-expert DPO loss (TRL names): sigmoid | ipo | hinge | robust
     disable_dropout: bool = True  # as TRL: zero the base model's dropout (experts.lora_dropout still applies)
     bf16: str = "auto"  # auto (bf16 autocast on CUDA) | true | false
-    device: str = "auto"
-    eval_every: int = 50
-    checkpoint_every: int = 25
-    logging_every: int = 1
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    eval_every: int = 50  # held-out evaluation every N steps (0: only at the end)
+    checkpoint_every: int = 25  # checkpoint for --resume every N steps (0: only at the end)
+    logging_every: int = 1  # metrics.jsonl line every N steps
 
 
 @dataclass
@@ -235,3 +235,30 @@ def validate(config: Config) -> None:
 def save_config(config: Config, path: Path) -> None:
     header = f"# resolved moedpo config; rerun with: moedpo train --config {path}\n"
     path.write_text(header + yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _field_help(section_cls) -> dict[str, str]:
+    """One-line meanings of a section's keys: the comments beside the fields in this file (one source)."""
+    import inspect
+    import re
+
+    helps = {}
+    for line in inspect.getsource(section_cls).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if match:
+            helps[match.group(1)] = match.group(2)
+    return helps
+
+
+def describe(config: Config) -> str:
+    """Every key as commented YAML: value (the resolved one), type and meaning; loadable as a config file."""
+    lines = ["# moedpo config: every key, its value, type and meaning (save it and pass it with --config)"]
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        helps = _field_help(type(values))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(values):
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            value = yaml.safe_dump(getattr(values, f.name), default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"  {f.name}: {value}  # {kind}; {helps.get(f.name, '')}".rstrip("; "))
+    return "\n".join(lines) + "\n"
