@@ -56,12 +56,31 @@ def build_base(config: Config, saved_base: Path | None = None):
             pad_token_id=tokenizer.pad_token_id,
         )
     else:
+        _check_model_name(name)
         trust = config.model.trust_remote_code
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[config.model.dtype], trust_remote_code=trust)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=DTYPES[config.model.dtype], trust_remote_code=trust
+            )
+        except OSError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"model.name_or_path={name!r}: could not load it ({first}). Use a local folder with config.json, "
+                "or a hub name already in the cache with HF_HUB_OFFLINE=1 (no network here), or `builtin`"
+            ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model.to(DTYPES[config.model.dtype])
+
+
+def _check_model_name(name: str) -> None:
+    """A name that looks like a path must be an existing folder (else transformers reports a hub-name error)."""
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub names are org/name
+    if (looks_local or path.exists()) and not path.is_dir():
+        what = "a file, not a model folder" if path.exists() else "no such folder"
+        raise ConfigError(f"model.name_or_path={name!r}: {what} (expected a folder with config.json, or a hub name)")
 
 
 @dataclass

@@ -199,6 +199,7 @@ CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("train", "loss_type"): ("sigmoid", "ipo", "hinge", "robust"),
     ("experts", "reuse_graph"): ("auto", "true", "false"),
+    ("train", "bf16"): ("auto", "true", "false"),
 }
 
 

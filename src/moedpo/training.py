@@ -25,6 +25,7 @@ from moedpo.data.tokenize import collate
 from moedpo.distributed import DataParallel
 from moedpo.eval.evaluate import evaluate
 from moedpo.inference import VariationalEM
+from moedpo.progress import Progress
 from moedpo.runs import MetricsLogger, find_checkpoint, load_checkpoint, save_checkpoint
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -143,8 +144,8 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     logger = MetricsLogger(run_dir, resume_step=start if resume else None) if dp.is_main else None
     user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, run.tokenizer.pad_token_id
     plan = BatchPlan(run.data.train, user_scope, t.users_per_batch if user_scope else t.batch_size, t.seed)
-    progress = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="moedpo", disable=not dp.is_main)
-    for step in progress:
+    progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
+    for step in range(start, t.max_steps):
         shards = [plan(step * acc + i, dp.shard) for i in range(acc)]  # this process's share; may be empty
         loss = loop.step(*[collate(examples, pad) if examples else None for examples in shards])
         if logger is not None and ((step + 1) % t.logging_every == 0 or step + 1 == t.max_steps):
@@ -153,9 +154,10 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
             if t.eval_every and (step + 1) % t.eval_every == 0 and run.data.eval:
                 metrics.update(evaluate(run, run.data.train, run.data.eval)[0])
             logger.log(step + 1, metrics)
-            progress.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
+        progress.update(step + 1, loss=loss, acc=loop.metrics.get("rewards/accuracies", float("nan")))
         if dp.is_main and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
             save_checkpoint(run_dir, step + 1, params, run.gate.state_dict(), optimizer, scheduler)
+    progress.close()
     if dp.is_main:
         logger.close()
         save_checkpoint(run_dir, t.max_steps, params, run.gate.state_dict(), optimizer, scheduler)
@@ -173,9 +175,11 @@ def _reference_once(run: Run, run_dir: Path, dp: DataParallel) -> None:
         run.bank.load_reference_state(load_file(path))
         return
     examples = run.data.train + run.data.eval
-    bar = tqdm(total=len(examples), desc="reference log-probs", disable=not dp.is_main)
+    bar = tqdm(total=len(examples), desc="reference log-probs", disable=not (dp.is_main and sys.stderr.isatty()))
     run.bank.precompute_reference(examples, run.tokenizer.pad_token_id, progress=bar.update)
     bar.close()
+    if dp.is_main and not sys.stderr.isatty():
+        print(f"moedpo: reference log-probs of {len(examples)} pairs computed", file=sys.stderr, flush=True)
     if dp.is_main:
         save_file(run.bank.reference_state(), path)
     dp.barrier()

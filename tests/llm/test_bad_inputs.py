@@ -67,3 +67,18 @@ def test_config_that_is_a_directory_and_bad_generate_arguments(tmp_path, capsys)
         assert code == 2 and "expected auto or an expert index 0..1" in err
     code, err = run(tmp_path, capsys, "generate", str(tmp_path / "run"), "--prompt", "describe :", "--user", "nobody")
     assert code == 2 and "not an annotator of this run" in err
+
+
+def test_model_paths_and_flags_that_would_fail_later(tmp_path, capsys):
+    """A missing local folder names the folder (before: four tracebacks ending in a hub-name message); a hub name
+    that cannot be loaded says what to do; train.bf16=yes is refused instead of stored as 'True'."""
+    code, err = run(
+        tmp_path, capsys, "train", f"model.name_or_path={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'r'}"
+    )
+    assert code == 2 and "no such folder" in err and not (tmp_path / "r").exists()
+    code, err = run(
+        tmp_path, capsys, "train", "model.name_or_path=no-such-org/no-such-model", f"train.output_dir={tmp_path / 'r'}"
+    )
+    assert code == 2 and "could not load it" in err and "HF_HUB_OFFLINE=1" in err and "Traceback" not in err
+    code, err = run(tmp_path, capsys, "config", "train.bf16=maybe")
+    assert code == 2 and "train.bf16='maybe': expected one of" in err

@@ -190,3 +190,14 @@ def test_rows_trl_trains_on_do_not_stop_the_run(tmp_path):
     run = train(config(tmp_path, f"data.source={data}", "data.max_length=24", "train.max_steps=2", "em.scope=pair"))
     metrics = json.loads((run / "report" / "eval.json").read_text())["metrics"]
     assert metrics["data/num_dropped"] == 1
+
+
+def test_progress_lines_without_a_terminal(tmp_path, capsys):
+    """Under nohup/slurm/CI (stderr not a TTY): the run directory first, then periodic lines with step, loss,
+    accuracy, steps/s and ETA (before: nothing until the end)."""
+    train(config(tmp_path, "train.max_steps=40", "train.eval_every=0"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moedpo: ")]
+    assert err[0].startswith(f"moedpo: run directory {tmp_path / 'run'}")
+    steps = [line for line in err if line.startswith("moedpo: step ")]
+    assert len(steps) == 20 and steps[-1].startswith("moedpo: step 40/40 loss ")
+    assert "steps/s ETA" in steps[0] and " acc " in steps[0]
