@@ -85,3 +85,21 @@ def test_user_scope_router_reads_each_annotators_own_features():
     own = {1: features[0], 0: features[1], 2: features[3]}
     expected = torch.stack([net(user_features=own[u].unsqueeze(0))[0] for u in (0, 1, 2)])
     assert torch.allclose(logits, expected) and extra["user_index"].tolist() == [1, 0, 1, 2]
+
+
+def test_ari_comes_with_its_confidence_and_only_for_data_with_groups():
+    """Near-uniform posteriors: ARI may read 1.0, but eval/posterior_confidence shows they are ~0.5; held-out data
+    without a group column gets no ARI (before: the training annotators' ARI was reported for any data)."""
+    h = torch.tensor([[0.01, 0.0], [0.01, 0.0], [0.0, 0.01], [0.0, 0.01]] * 2)
+    users = [0, 0, 1, 1, 0, 0, 1, 1]
+    labelled = [example(i, u, "ab"[u]) for i, u in enumerate(users)]
+    config = load_config(overrides=["em.beta=0.5", "experts.num_experts=2"])
+    gate = Router(FixedGate(2, learnable=False), "fixed", "user")
+    run = SimpleNamespace(
+        config=config, bank=TableBank(h), gate=gate, model=user_bt_model, tokenizer=SimpleNamespace(pad_token_id=0)
+    )
+    metrics, _ = evaluate(run, labelled[:4], labelled[4:])
+    assert metrics["eval/ari"] == 1.0 and metrics["eval/posterior_confidence"] < 0.51
+    unlabelled = [example(i, u, None) for i, u in enumerate(users)]
+    metrics, _ = evaluate(run, labelled[:4], unlabelled[4:])
+    assert "eval/ari" not in metrics and "eval/posterior_confidence" not in metrics

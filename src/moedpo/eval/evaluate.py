@@ -4,7 +4,8 @@ User scope: each annotator's posterior over the gate's latent comes from their *
 E-step as training, :func:`moedpo.inference.e_step`), and predicts their held-out pairs as
 sum_k q_uk sigmoid(beta h_k) (exact for the built-in models; for a user's own model, q is the posterior of the
 latent whose prior is the gate). Pair scope: the gate's prior w(x, u) predicts (the label is what is predicted).
-ARI compares the inferred type (user posterior or pair posterior argmax) with the ``group`` column.
+ARI compares the inferred type (user posterior or pair posterior argmax) of the held-out data's own annotators with
+its ``group`` column (no group, no ARI), beside ``eval/posterior_confidence``, the mean largest posterior.
 """
 
 from __future__ import annotations
@@ -68,13 +69,14 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
         position = {int(u): i for i, u in enumerate(ids)}
         rows = torch.tensor([position.get(e["user"], -1) for e in held_out])
         weights = torch.where((rows >= 0).unsqueeze(-1), q_users[rows.clamp_min(0)], prior)  # unseen users: prior
-        group_of = {e["user"]: e["group"] for e in train}
-        groups, inferred = [group_of[int(u)] for u in ids], q_users.argmax(-1)
+        seen = sorted({e["user"] for e in held_out if e["user"] in position})  # the held-out data's annotators
+        group_of = {e["user"]: e["group"] for e in held_out}
+        groups, posteriors = [group_of[u] for u in seen], q_users[[position[u] for u in seen]]
         details["user_responsibilities"] = q_users
     else:
         weights = prior
         groups = [e["group"] for e in held_out]
-        inferred = (prior.log() + log_likelihood(h, beta, config.em.label_smoothing)).argmax(-1)
+        posteriors = torch.softmax(prior.log() + log_likelihood(h, beta, config.em.label_smoothing), -1)
     log_prob = torch.logsumexp(weights.clamp_min(1e-30).log() + log_likelihood(h, beta, config.em.label_smoothing), -1)
     metrics = {
         "eval/rewards/accuracies": float((log_prob > -torch.log(torch.tensor(2.0))).float().mean()),
@@ -85,8 +87,10 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
         metrics[f"eval/expert_{j}/rewards/margins"] = float(beta * h[:, j].mean())
     routed = weights.argmax(-1)  # sparse: the top expert's own prediction
     metrics["eval/top1/rewards/accuracies"] = float((h[torch.arange(h.shape[0]), routed] > 0).float().mean())
-    if groups and all(g is not None for g in groups):
-        metrics["eval/ari"] = adjusted_rand_index(_codes(groups), inferred)
+    if groups and all(g is not None for g in groups):  # only where the data says who is of which type
+        metrics["eval/ari"] = adjusted_rand_index(_codes(groups), posteriors.argmax(-1))
+        # the hard ARI reads 1.0 even for near-uniform posteriors: report how sure they are beside it
+        metrics["eval/posterior_confidence"] = float(posteriors.max(-1).values.mean())
     details["weights"] = weights
     return metrics, details
 
