@@ -7,6 +7,7 @@ Library classes take plain arguments; only this module reads the config.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import random
 import sys
@@ -25,6 +26,7 @@ from moedpo.experts import HeadsBank, IndependentBank, LoRABank
 from moedpo.models.bt import mixture_bt_model, user_bt_model
 from moedpo.models.gates import FixedGate, MLPGate, Router, UserGate
 
+DATA_FILE = "data.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -91,6 +93,23 @@ class PreparedData:
     num_truncated: int
     user_feature_dim: int
     num_dropped: int = 0  # rows TRL would drop too (prompt >= max_length under keep_start): counted, not fatal
+    conversational: bool = False  # rows were chat messages: prompts at generation go through the chat template
+
+    def save(self, path: Path) -> None:
+        """The tokenized splits as JSON, so a run directory needs none of the original files (no pickle)."""
+        plain = lambda e: {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in e.items()}  # noqa: E731
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("train", "eval")}
+        path.write_text(
+            json.dumps({**fields, "train": [plain(e) for e in self.train], "eval": [plain(e) for e in self.eval]})
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> PreparedData:
+        saved = json.loads(path.read_text())
+        for e in saved["train"] + saved["eval"]:
+            if "prompt_features" in e:
+                e["prompt_features"] = torch.tensor(e["prompt_features"])
+        return cls(**saved)
 
 
 def _rows(config: Config, source: str):
@@ -109,7 +128,8 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     """Load, validate and tokenize; split each annotator's pairs into train / held-out unless eval_source is set."""
     d = config.data
     options = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode)
-    tokenized = tokenize_rows(_rows(config, d.source), tokenizer, source=d.source, **options)
+    rows = _rows(config, d.source)
+    tokenized = tokenize_rows(rows, tokenizer, source=d.source, **options)
     if d.eval_source:
         held = tokenize_rows(
             _rows(config, d.eval_source), tokenizer, source=d.eval_source, user_ids=tokenized.user_ids, **options
@@ -144,7 +164,8 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     if config.gate.encoder:
         attach_encoder_features(config.gate.encoder, train + evaluation)
     dims = {len(e["user_features"]) for e in train if e["user_features"] is not None}
-    return PreparedData(train, evaluation, users, truncated, dims.pop() if len(dims) == 1 else 0, dropped)
+    feature_dim = dims.pop() if len(dims) == 1 else 0
+    return PreparedData(train, evaluation, users, truncated, feature_dim, dropped, rows[0].conversational)
 
 
 def attach_encoder_features(encoder_name: str, examples: list[dict]) -> int:
@@ -266,11 +287,18 @@ class Run:
     guide: object = None  # svi: a Pyro guide (an nn.Module's parameters train with the rest)
 
 
-def build_run(config: Config, device: torch.device, saved_base: Path | None = None) -> Run:
-    """Tokenizer and base model, validated and tokenized data, expert bank, gate and latent model."""
+def build_run(config: Config, device: torch.device, saved: Path | None = None) -> Run:
+    """Tokenizer and base model, validated and tokenized data, expert bank, gate and latent model.
+
+    ``saved``: a run directory; its ``base/`` and ``data.json`` replace the config's model and data sources.
+    """
     model = resolve_latent_model(config)
+    saved_base = saved / "base" if saved is not None and (saved / "base").exists() else None
     tokenizer, base = build_base(config, saved_base)
-    data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
+    if saved is not None and (saved / DATA_FILE).exists():
+        data = PreparedData.load(saved / DATA_FILE)
+    else:
+        data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
     bank = build_bank(config, base, device)
     gate = build_gate(config, gate_feature_dim(config, base, data), len(data.user_ids), data.user_feature_dim)
     guide = import_object(config.em.guide, "em.guide") if config.em.guide else None

@@ -1,6 +1,7 @@
 """The run directory (SPEC §3): metrics log, atomic checkpoints for ``--resume``, final artefacts.
 
     config.yaml  metrics.jsonl  experts/expert_<k>/  gate.safetensors  users.json  base/ (builtin model)
+    data.json (tokenized splits: eval and generate need no original file)  reference_logps.safetensors
     checkpoint/  (params.safetensors, gate.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json)
     report/
 

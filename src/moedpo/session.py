@@ -25,8 +25,7 @@ class RunSession:
         if not (self.run_dir / "config.yaml").exists():
             raise FileNotFoundError(f"{self.run_dir}: not a moedpo run directory (no config.yaml)")
         self.config = load_config(self.run_dir / "config.yaml")
-        saved_base = self.run_dir / "base" if (self.run_dir / "base").exists() else None
-        self.run = build_run(self.config, resolve_device(self.config.train.device), saved_base)
+        self.run = build_run(self.config, resolve_device(self.config.train.device), saved=self.run_dir)
         self.tokenizer, self.bank, self.gate = self.run.tokenizer, self.run.bank, self.run.gate
         self.user_ids = json.loads((self.run_dir / "users.json").read_text())
         checkpoint = find_checkpoint(self.run_dir)
@@ -68,7 +67,7 @@ class RunSession:
             if own:
                 ids, q = user_posteriors(self.run, own)
                 return q[0]
-        ids = prompt_input_ids(self.tokenizer, prompt)
+        ids = prompt_input_ids(self.tokenizer, self.as_prompt(prompt))
         example = {
             "index": -1,  # a probe: never cached
             "prompt_chosen_ids": ids,
@@ -86,13 +85,17 @@ class RunSession:
         features = self.bank.reference(batch)[2]
         return self.gate.pair_weights(batch, features)[0].cpu()
 
+    def as_prompt(self, prompt: str):
+        """A conversational run was trained on chat-templated prompts: a plain prompt becomes one user turn."""
+        return [{"role": "user", "content": prompt}] if self.run.data.conversational else prompt
+
     @torch.no_grad()
     def generate(self, prompt: str, expert: int, max_new_tokens: int = 32) -> str:
         model = self.bank.experts[expert] if hasattr(self.bank, "experts") else self.bank.model
         if hasattr(self.bank, "activate"):
             self.bank.activate(expert)
         self.bank.eval_mode()
-        ids = torch.tensor([prompt_input_ids(self.tokenizer, prompt)], device=self.bank.device)
+        ids = torch.tensor([prompt_input_ids(self.tokenizer, self.as_prompt(prompt))], device=self.bank.device)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

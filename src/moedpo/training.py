@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from moedpo.builders import Run, build_base, build_run
+from moedpo.builders import DATA_FILE, Run, build_base, build_run
 from moedpo.config import Config, ConfigError, load_config, save_config
 from moedpo.data.tokenize import collate
 from moedpo.distributed import DataParallel
@@ -98,6 +98,7 @@ def _prepare_run_dir(config: Config, resume: bool, dp: DataParallel, tokenizer, 
 def _write_run_header(config: Config, run_dir: Path, tokenizer, base, data) -> None:
     save_config(config, run_dir / "config.yaml")
     (run_dir / "users.json").write_text(json.dumps(data.user_ids))
+    data.save(run_dir / DATA_FILE)  # eval, routing and generation need none of the original files
     if config.model.name_or_path == "builtin" and not (run_dir / "base").exists():
         # the built-in base is not on any hub: keep it with the run. Rebuilt (deterministic from the seed), since the
         # bank's adapters are already injected into ``base``
@@ -214,6 +215,11 @@ def _save_artefacts(run: Run, run_dir: Path) -> None:
     from moedpo.eval.report import write_report
 
     run.bank.save_experts(run_dir / "experts")
+    if (run_dir / "base").exists():  # the built-in base: record where PEFT's auto classes find it
+        for adapter in (run_dir / "experts").glob("expert_*/adapter_config.json"):
+            adapter_config = json.loads(adapter.read_text())
+            adapter_config["base_model_name_or_path"] = str((run_dir / "base").resolve())
+            adapter.write_text(json.dumps(adapter_config, indent=2))
     gate_state = {k: v.detach().cpu().contiguous() for k, v in run.gate.state_dict().items()}
     save_file(gate_state, run_dir / "gate.safetensors")
     if run.data.eval:

@@ -201,3 +201,43 @@ def test_progress_lines_without_a_terminal(tmp_path, capsys):
     steps = [line for line in err if line.startswith("moedpo: step ")]
     assert len(steps) == 20 and steps[-1].startswith("moedpo: step 40/40 loss ")
     assert "steps/s ETA" in steps[0] and " acc " in steps[0]
+
+
+def test_run_directory_is_self_contained(tmp_path):
+    """Delete the training file: eval and generate still work from the run directory (data.json), and each saved
+    adapter records a base that PEFT's AutoPeftModelForCausalLM loads (before: base_model_name_or_path null)."""
+    from peft import AutoPeftModelForCausalLM
+
+    from moedpo.data.builtin import make_builtin_rows
+
+    rows = make_builtin_rows(2, 8, seed=5)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train(config(tmp_path, f"data.source={data}", "train.max_steps=3"))
+    data.unlink()
+    assert main(["eval", str(run)]) == 0
+    assert main(["generate", str(run), "--prompt", "describe the garden :", "--user", "annotator_000"]) == 0
+    model = AutoPeftModelForCausalLM.from_pretrained(run / "experts" / "expert_1")
+    assert model.peft_config["default"].base_model_name_or_path == str((run / "base").resolve())
+
+
+def test_generation_uses_the_chat_template_of_a_conversational_run(tmp_path):
+    from moedpo.data.builtin import make_builtin_rows
+    from moedpo.data.tokenize import prompt_input_ids
+    from moedpo.session import RunSession
+
+    def turn(role, text):
+        return [{"role": role, "content": text.strip()}]
+
+    rows = [
+        {**r, "prompt": turn("user", r["prompt"]), "chosen": turn("assistant", r["chosen"]),
+         "rejected": turn("assistant", r["rejected"])}
+        for r in make_builtin_rows(2, 8, seed=5)
+    ]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train(config(tmp_path, f"data.source={data}", "train.max_steps=2"))
+    session = RunSession(run)
+    templated = prompt_input_ids(session.tokenizer, turn("user", "describe the garden :"))
+    assert prompt_input_ids(session.tokenizer, session.as_prompt("describe the garden :")) == templated
+    assert session.tokenizer.decode(templated).endswith("assistant :")
