@@ -55,6 +55,9 @@ def test_run_directory_contract(tmp_path):
     assert "eval/ari" in rows[2] and "eval/expert_1/rewards/accuracies" in rows[5]
     assert "em/elbo" not in rows[-1] and "em/marginal_nll" not in rows[-1]  # = loss at the exact posterior
     assert load_config(run / "config.yaml").train.max_steps == 6  # the resolved config reloads
+    final = json.loads((run / "report" / "eval.json").read_text())["metrics"]
+    assert {"eval/expert_0/bright/rewards/accuracies", "eval/expert_1/dark/rewards/accuracies"} <= set(final)
+    assert "eval/posterior_confidence" in final and (run / "report" / "training.png").stat().st_size > 10_000
 
 
 def test_malformed_row_stops_with_file_row_field_and_leaves_nothing(tmp_path, capsys):

@@ -82,9 +82,13 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
         "eval/rewards/accuracies": float((log_prob > -torch.log(torch.tensor(2.0))).float().mean()),
         "eval/mixture_nll": float(-log_prob.mean()),
     }
+    kinds = [e["group"] for e in held_out]
     for j in range(k):
         metrics[f"eval/expert_{j}/rewards/accuracies"] = float((h[:, j] > 0).float().mean())
         metrics[f"eval/expert_{j}/rewards/margins"] = float(beta * h[:, j].mean())
+        for kind in sorted({g for g in kinds if g is not None}):  # per annotator type: each expert's own type
+            rows = torch.tensor([g == kind for g in kinds])
+            metrics[f"eval/expert_{j}/{kind}/rewards/accuracies"] = float((h[rows, j] > 0).float().mean())
     routed = weights.argmax(-1)  # sparse: the top expert's own prediction
     metrics["eval/top1/rewards/accuracies"] = float((h[torch.arange(h.shape[0]), routed] > 0).float().mean())
     if groups and all(g is not None for g in groups):  # only where the data says who is of which type
