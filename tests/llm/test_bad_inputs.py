@@ -27,13 +27,13 @@ def run(tmp_path, capsys, *args):
         (
             "latin1.jsonl",
             b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
-            "row 0: field '<file>': not UTF-8",
+            "row 1 (counting from 1): field '<file>': not UTF-8",
         ),
         ("prefs.txt", b"prompt chosen rejected\n", "unsupported file type '.txt'"),
         (
             "bad.jsonl",
             b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{oops\n',
-            "row 1: field '<row>': invalid JSON",
+            "row 2 (counting from 1): field '<row>': invalid JSON",
         ),
     ],
 )

@@ -51,7 +51,7 @@ def test_bad_rows_name_row_and_field(record, field, words):
     with pytest.raises(PreferenceDataError, match=words) as info:
         normalise_row(record, "data.jsonl", 4)
     assert (info.value.source, info.value.row, info.value.field) == ("data.jsonl", 4, field)
-    assert "data.jsonl: row 4" in str(info.value)
+    assert "data.jsonl: row 5 (counting from 1)" in str(info.value)
 
 
 def _write(path, rows):
@@ -72,14 +72,14 @@ def test_every_file_type_loads_and_reports_bad_rows(tmp_path, suffix):
     _write(path, [GOOD, GOOD])
     assert len(load_preference_rows(str(path))) == 2
     _write(path, [GOOD, GOOD, {**GOOD, "chosen": ""}])
-    with pytest.raises(PreferenceDataError, match=rf"prefs\{suffix}: row 2: field 'chosen'"):
+    with pytest.raises(PreferenceDataError, match=rf"prefs\{suffix}: row 3 \(counting from 1\): field 'chosen'"):
         load_preference_rows(str(path))
 
 
 def test_invalid_json_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(GOOD) + "\n{not json\n")
-    with pytest.raises(PreferenceDataError, match="row 1"):
+    with pytest.raises(PreferenceDataError, match=r"row 2 \(counting from 1\)"):
         load_preference_rows(str(path))
 
 
@@ -105,7 +105,7 @@ def test_prompt_longer_than_max_length_is_dropped_and_counted(tokenizer):
     rows = [normalise_row({**GOOD, "prompt": "describe the garden : " * 10}, "f", 0), normalise_row(GOOD, "f", 1)]
     out = tokenize_rows(rows, tokenizer, max_length=8, source="f")
     assert out.num_dropped == 1 and out.dropped[0][0] == 0 and [e["index"] for e in out.examples] == [1]
-    with pytest.raises(PreferenceDataError, match="row 0: field 'prompt': no usable rows remain"):
+    with pytest.raises(PreferenceDataError, match=r"row 1 \(counting from 1\): field 'prompt': no usable rows remain"):
         tokenize_rows(rows[:1], tokenizer, max_length=8, source="f")
 
 

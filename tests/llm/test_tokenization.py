@@ -237,7 +237,9 @@ def test_dropped_rows_are_counted_with_a_reason(gpt2_tokenizer):
     assert [e["index"] for e in out.examples] == [0, 1, 2, 4] and len(out.groups) == len(rows)
     kept_end = tokenize_rows(rows, gpt2_tokenizer, max_length=24, truncation_mode="keep_end")
     assert kept_end.num_dropped == 0 and len(kept_end.examples) == len(rows)
-    with pytest.raises(PreferenceDataError, match=r"f: row 0: field 'prompt': no usable rows remain: all 1 rows"):
+    with pytest.raises(
+        PreferenceDataError, match=r"f: row 1 \(counting from 1\): field 'prompt': no usable rows remain: all 1 rows"
+    ):
         tokenize_rows(rows[3:4], gpt2_tokenizer, source="f", max_length=24)
 
 

@@ -67,7 +67,7 @@ def test_malformed_row_stops_with_file_row_field_and_leaves_nothing(tmp_path, ca
     run_dir = tmp_path / "run"
     code = main(["train", f"data.source={data}", f"train.output_dir={run_dir}", "train.max_steps=2", "em.scope=pair"])
     assert code == 2
-    assert f"{data}: row 2: field 'rejected': empty completion" in capsys.readouterr().err
+    assert f"{data}: row 3 (counting from 1): field 'rejected': empty completion" in capsys.readouterr().err
     assert not run_dir.exists()
     run_dir.mkdir()
     (run_dir / "keep.txt").write_text("earlier work")

@@ -20,11 +20,12 @@ OPTIONAL = ("user_id", "user_features", "group")
 
 
 class PreferenceDataError(ValueError):
-    """A row that cannot be used; the message names the source, the 0-based row and the field."""
+    """A row that cannot be used; the message names the source, the row (counted from 1, as an editor shows
+    lines of a JSONL file) and the field. ``.row`` keeps the 0-based index."""
 
     def __init__(self, source: str, row: int, field: str, problem: str):
         self.source, self.row, self.field = source, row, field
-        super().__init__(f"{source}: row {row}: field {field!r}: {problem}")
+        super().__init__(f"{source}: row {row + 1} (counting from 1): field {field!r}: {problem}")
 
 
 @dataclass
