@@ -94,6 +94,7 @@ class PreparedData:
     user_feature_dim: int
     num_dropped: int = 0  # rows TRL would drop too (prompt >= max_length under keep_start): counted, not fatal
     conversational: bool = False  # rows were chat messages: prompts at generation go through the chat template
+    split: str = ""  # how the held-out pairs were chosen, in words (for the log and config.yaml)
 
     def save(self, path: Path) -> None:
         """The tokenized splits as JSON, so a run directory needs none of the original files (no pickle)."""
@@ -140,6 +141,7 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
             e["index"] += offset  # distinct cache keys
         truncated = tokenized.num_truncated + held.num_truncated
         dropped = tokenized.num_dropped + held.num_dropped
+        split = f"held-out pairs: {d.eval_source}"
     else:
         has_ids = any(not u.startswith("__row_") for u in tokenized.user_ids)
         if config.em.scope == "user" and not has_ids:
@@ -161,11 +163,13 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
         train.sort(key=lambda e: e["index"])
         evaluation.sort(key=lambda e: e["index"])
         users, truncated, dropped = tokenized.user_ids, tokenized.num_truncated, tokenized.num_dropped
+        share = "each annotator's pairs" if has_ids else "all pairs (no user_id column)"
+        split = f"held-out pairs: {d.eval_fraction:.0%} of {share}, seed {config.train.seed}"
     if config.gate.encoder:
         attach_encoder_features(config.gate.encoder, train + evaluation)
     dims = {len(e["user_features"]) for e in train if e["user_features"] is not None}
     feature_dim = dims.pop() if len(dims) == 1 else 0
-    return PreparedData(train, evaluation, users, truncated, feature_dim, dropped, rows[0].conversational)
+    return PreparedData(train, evaluation, users, truncated, feature_dim, dropped, rows[0].conversational, split)
 
 
 def attach_encoder_features(encoder_name: str, examples: list[dict]) -> int:

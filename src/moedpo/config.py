@@ -233,8 +233,9 @@ def validate(config: Config) -> None:
         )
 
 
-def save_config(config: Config, path: Path) -> None:
+def save_config(config: Config, path: Path, notes: tuple[str, ...] = ()) -> None:
     header = f"# resolved moedpo config; rerun with: moedpo train --config {path}\n"
+    header += "".join(f"# {note}\n" for note in notes)
     path.write_text(header + yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 

@@ -96,7 +96,7 @@ def _prepare_run_dir(config: Config, resume: bool, dp: DataParallel, tokenizer, 
 
 
 def _write_run_header(config: Config, run_dir: Path, tokenizer, base, data) -> None:
-    save_config(config, run_dir / "config.yaml")
+    save_config(config, run_dir / "config.yaml", notes=(f"em.scope={config.em.scope}; {data.split}",))
     (run_dir / "users.json").write_text(json.dumps(data.user_ids))
     data.save(run_dir / DATA_FILE)  # eval, routing and generation need none of the original files
     if config.model.name_or_path == "builtin" and not (run_dir / "base").exists():
@@ -127,7 +127,7 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         print(
             f"moedpo: run directory {run_dir}; {len(d.train)} training and {len(d.eval)} held-out pairs, "
             f"{d.num_truncated} truncated, {d.num_dropped} dropped (prompt >= data.max_length, as TRL); "
-            f"em.scope={config.em.scope} over {len(d.user_ids)} annotators",
+            f"em.scope={config.em.scope} over {len(d.user_ids)} annotators; {d.split}",
             file=sys.stderr,
             flush=True,
         )

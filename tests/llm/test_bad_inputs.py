@@ -54,6 +54,8 @@ def test_no_user_id_under_user_scope_says_which_keys_to_set(tmp_path, capsys):
     assert main([*args, "em.scope=pair"]) == 0  # pair scope holds out a share of all pairs
     report = json.loads((tmp_path / "run" / "report" / "eval.json").read_text())
     assert len(report["examples"]) == 2  # 8 pairs, eval_fraction 0.25
+    header = (tmp_path / "run" / "config.yaml").read_text().splitlines()[1]
+    assert header == "# em.scope=pair; held-out pairs: 25% of all pairs (no user_id column), seed 0"
 
 
 def test_config_that_is_a_directory_and_bad_generate_arguments(tmp_path, capsys):
