@@ -19,7 +19,7 @@ import torch
 from moedpo.config import Config, ConfigError
 from moedpo.data.builtin import make_builtin_rows, tiny_causal_lm, train_tokenizer
 from moedpo.data.encoder import encode_prompts, load_encoder
-from moedpo.data.formats import normalise_row
+from moedpo.data.formats import PreferenceDataError, normalise_row
 from moedpo.data.loading import load_preference_rows
 from moedpo.data.tokenize import tokenize_rows
 from moedpo.experts import HeadsBank, IndependentBank, LoRABank
@@ -33,6 +33,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}: this torch build sees no CUDA device; use train.device=auto or cpu")
     return torch.device(name)
 
 
@@ -125,11 +127,26 @@ def _rows(config: Config, source: str):
     return load_preference_rows(source, config.data.split)
 
 
+def _check_consistent(rows: list, source: str) -> None:
+    """One format per file, and annotator ids on every row or none (a blank id would be an annotator of its own)."""
+    odd = next((i for i, r in enumerate(rows) if r.conversational != rows[0].conversational), None)
+    if odd is not None:
+        kinds = ("plain text", "chat messages") if rows[0].conversational is False else ("chat messages", "plain text")
+        problem = f"{kinds[1]}, while row 1 is {kinds[0]}: use one format per file"
+        raise PreferenceDataError(source, odd, "chosen", problem)
+    blank = next((i for i, r in enumerate(rows) if r.user_id is None), None)
+    if blank is not None and any(r.user_id is not None for r in rows):
+        raise PreferenceDataError(
+            source, blank, "user_id", "missing while other rows have one: fill it in or drop the row"
+        )
+
+
 def prepare_data(config: Config, tokenizer) -> PreparedData:
     """Load, validate and tokenize; split each annotator's pairs into train / held-out unless eval_source is set."""
     d = config.data
     options = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode)
     rows = _rows(config, d.source)
+    _check_consistent(rows, d.source)
     tokenized = tokenize_rows(rows, tokenizer, source=d.source, **options)
     if d.eval_source:
         held = tokenize_rows(

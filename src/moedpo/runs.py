@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from moedpo.config import ConfigError
+
 CHECKPOINT = "checkpoint"
 
 
@@ -90,9 +92,9 @@ def restore_parameters(path: Path, params: dict) -> None:
     saved = load_file(path / "params.safetensors")
     missing = set(params) - set(saved)
     if missing:
-        raise ValueError(
-            f"{path}: checkpoint lacks {len(missing)} parameters (e.g. {sorted(missing)[0]}); "
-            "was it written with another experts.* config?"
+        raise ConfigError(
+            f"{path}: checkpoint lacks {len(missing)} parameters (e.g. {sorted(missing)[0]}); it was written with "
+            "other experts.* settings: resume with the run's own config.yaml"
         )
     with torch.no_grad():
         for name, param in params.items():

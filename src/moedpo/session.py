@@ -36,6 +36,8 @@ class RunSession:
 
     def evaluate(self, data: str | None = None) -> dict:
         held_out = self.run.data.eval
+        if data is None and not held_out:
+            raise ConfigError(f"{self.run_dir}: this run held out no pairs (data.eval_fraction=0): pass --data FILE")
         if data is not None:
             d = self.config.data
             held_out = tokenize_rows(

@@ -90,9 +90,17 @@ def _prepare_run_dir(config: Config, resume: bool, dp: DataParallel, tokenizer, 
     if resume and find_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_run_header(config, run_dir, tokenizer, base, data)
+    if not resume:  # a resumed run keeps its header until its checkpoint is known to fit
+        _write_run_header(config, run_dir, tokenizer, base, data)
     dp.barrier()
     return run_dir
+
+
+def _absolute_paths(config: Config) -> None:
+    for section, key in (("model", "name_or_path"), ("data", "source"), ("data", "eval_source")):
+        value = getattr(getattr(config, section), key)
+        if value and Path(value).expanduser().exists():
+            setattr(getattr(config, section), key, str(Path(value).expanduser().resolve()))
 
 
 def _write_run_header(config: Config, run_dir: Path, tokenizer, base, data) -> None:
@@ -118,9 +126,11 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     elif overrides:
         raise ValueError("pass overrides with a config path or None, or edit the Config object")
     t, dp = config.train, DataParallel()
+    _absolute_paths(config)  # the run directory must work from any working directory
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    run = build_run(config, dp.device(t.device))
+    own = Path(t.output_dir)  # --resume trains on the run's own data and base, whatever the config says now
+    run = build_run(config, dp.device(t.device), saved=own if resume and (own / DATA_FILE).exists() else None)
     run_dir = _prepare_run_dir(config, resume, dp, run.tokenizer, run.base, run.data)
     if dp.is_main:
         d = run.data
@@ -141,6 +151,8 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     loop = _em_loop(run, optimizer, scheduler, dp)
     start = load_checkpoint(find_checkpoint(run_dir), params, run.gate, optimizer, scheduler) if resume else 0
     loop.num_steps = start
+    if resume and dp.is_main:  # only now that the checkpoint fits: record the continued run's config
+        save_config(config, run_dir / "config.yaml", notes=(f"em.scope={config.em.scope}; {run.data.split}",))
 
     logger = MetricsLogger(run_dir, resume_step=start if resume else None) if dp.is_main else None
     user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, run.tokenizer.pad_token_id

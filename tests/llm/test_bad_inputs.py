@@ -84,3 +84,48 @@ def test_model_paths_and_flags_that_would_fail_later(tmp_path, capsys):
     assert code == 2 and "could not load it" in err and "HF_HUB_OFFLINE=1" in err and "Traceback" not in err
     code, err = run(tmp_path, capsys, "config", "train.bf16=maybe")
     assert code == 2 and "train.bf16='maybe': expected one of" in err
+
+
+def test_newcomer_findings(tmp_path, capsys, monkeypatch):
+    """What a newcomer's trial found: a failed --resume must not rewrite the run; eval of a run with no held-out
+    pairs; relative paths; values torch would reject late; mixed formats and blank annotator ids in one file."""
+    out = tmp_path / "run"
+    assert main(["train", f"train.output_dir={out}", "data.annotators_per_type=2", *SMALL]) == 0
+    before = (out / "config.yaml").read_text()
+    code, err = run(
+        tmp_path, capsys, "train", "--config", str(out / "config.yaml"), "--resume", "experts.num_experts=3"
+    )
+    assert code == 2 and "resume with the run's own config.yaml" in err and (out / "config.yaml").read_text() == before
+
+    noeval = tmp_path / "noeval"
+    assert main(["train", f"train.output_dir={noeval}", "data.eval_fraction=0", *SMALL]) == 0
+    code, err = run(tmp_path, capsys, "eval", str(noeval))
+    assert code == 2 and "held out no pairs" in err and "--data FILE" in err
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "data.source=prefs.jsonl", f"train.output_dir={tmp_path / 'rel'}", *SMALL]) == 0
+    assert f"source: {data}" in (tmp_path / "rel" / "config.yaml").read_text()
+
+    for bad, words in (("train.learning_rate=-1", "train.learning_rate=-1.0: expected a number > 0"),
+                       ("train.device=cuda", "sees no CUDA device")):  # fmt: skip
+        code, err = run(tmp_path, capsys, "train", bad, f"train.output_dir={tmp_path / 'bad'}", *SMALL)
+        assert code == 2 and words in err and not (tmp_path / "bad").exists()
+
+    mixed = rows()
+    turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    mixed[3] = {**mixed[3], "prompt": turn("user", "hi"), "chosen": turn("assistant", "a")}
+    mixed[3]["rejected"] = turn("assistant", "b")
+    blank = rows()
+    blank[5] = {k: v for k, v in blank[5].items() if k != "user_id"}
+    cases = (
+        ("mixed.jsonl", mixed, "row 4 (counting from 1): field 'chosen': chat messages"),
+        ("blank.jsonl", blank, "row 6 (counting from 1): field 'user_id': missing"),
+    )
+    for name, records, words in cases:
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+        code, err = run(
+            tmp_path, capsys, "train", f"data.source={tmp_path / name}", f"train.output_dir={tmp_path / 'x'}"
+        )
+        assert code == 2 and words in err and not (tmp_path / "x").exists()

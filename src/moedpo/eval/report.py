@@ -33,6 +33,8 @@ def _plot(path: Path, metrics_path: Path, final: dict) -> None:
     except ImportError:
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    if not any(k.startswith("eval/") for r in rows for k in r):  # no periodic evaluation: draw the final one
+        rows[-1] = {**rows[-1], **{k: v for k, v in final.items() if k.startswith("eval/")}}
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
@@ -54,7 +56,7 @@ def _plot(path: Path, metrics_path: Path, final: dict) -> None:
     axes[2].set_title("posterior mass per expert (EMA)")
     axes[2].set_ylim(0, 1)
     if not held_out:
-        axes[1].text(0.5, 0.5, "no periodic evaluation\n(train.eval_every=0)", ha="center", transform=axes[1].transAxes)
+        axes[1].text(0.5, 0.5, "no held-out evaluation\n(no held-out pairs)", ha="center", transform=axes[1].transAxes)
     for ax in axes[:3]:
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
@@ -86,6 +88,7 @@ def _per_type(ax, final: dict) -> None:
     ax.set_xticks(np.arange(len(experts)) + 0.4 - width / 2, experts)
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
 
 
 def _ema(values, decay=0.9):
