@@ -216,7 +216,7 @@ def validate(config: Config) -> None:
         (0 <= config.data.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)"),
         (0 <= config.experts.lora_dropout < 1, "experts.lora_dropout", "a number in [0, 1)"),
         (config.train.max_steps >= 1, "train.max_steps", "an integer >= 1"),
-        (config.train.learning_rate > 0, "train.learning_rate", "a number > 0"),
+        (config.train.learning_rate >= 0, "train.learning_rate", "a number >= 0"),
         (config.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "an integer >= 1"),
     ]
     for ok, key, expected in checks:

@@ -108,7 +108,7 @@ def test_newcomer_findings(tmp_path, capsys, monkeypatch):
     assert main(["train", "data.source=prefs.jsonl", f"train.output_dir={tmp_path / 'rel'}", *SMALL]) == 0
     assert f"source: {data}" in (tmp_path / "rel" / "config.yaml").read_text()
 
-    for bad, words in (("train.learning_rate=-1", "train.learning_rate=-1.0: expected a number > 0"),
+    for bad, words in (("train.learning_rate=-1", "train.learning_rate=-1.0: expected a number >= 0"),
                        ("train.device=cuda", "sees no CUDA device")):  # fmt: skip
         code, err = run(tmp_path, capsys, "train", bad, f"train.output_dir={tmp_path / 'bad'}", *SMALL)
         assert code == 2 and words in err and not (tmp_path / "bad").exists()
