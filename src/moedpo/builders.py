@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import random
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +62,11 @@ def build_base(config: Config, saved_base: Path | None = None):
         )
     else:
         _check_model_name(name)
-        trust = config.model.trust_remote_code
+        trust, local = config.model.trust_remote_code, _cached_or_local(name)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust, local_files_only=local)
             model = AutoModelForCausalLM.from_pretrained(
-                name, dtype=DTYPES[config.model.dtype], trust_remote_code=trust
+                name, dtype=DTYPES[config.model.dtype], trust_remote_code=trust, local_files_only=local
             )
         except OSError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -76,6 +77,34 @@ def build_base(config: Config, saved_base: Path | None = None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model.to(DTYPES[config.model.dtype])
+
+
+def _cached_or_local(name: str) -> bool:
+    """Whether ``name`` loads without the network (a folder, or a hub name in the local cache). An uncached hub name
+    with the hub unreachable fails at once (the hub client would retry for over a minute)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(name).expanduser().is_dir() or isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return True
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise ConfigError(
+            f"model.name_or_path={name!r}: not in the local cache and the hub is unreachable. Use a local folder "
+            "with config.json, download it where there is network, or `builtin`"
+        )
+    return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _check_model_name(name: str) -> None:

@@ -129,3 +129,22 @@ def test_newcomer_findings(tmp_path, capsys, monkeypatch):
             tmp_path, capsys, "train", f"data.source={tmp_path / name}", f"train.output_dir={tmp_path / 'x'}"
         )
         assert code == 2 and words in err and not (tmp_path / "x").exists()
+
+
+def test_uncached_hub_name_with_no_network_fails_at_once(tmp_path, capsys, monkeypatch):
+    """Without HF_HUB_OFFLINE, an uncached hub name used to spend the hub client's retries (~50 s here) before a
+    traceback; when the hub is unreachable it now fails at once with what to do."""
+    import time
+
+    from huggingface_hub import constants
+
+    import moedpo.builders as builders
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(builders, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    code, err = run(
+        tmp_path, capsys, "train", "model.name_or_path=no-org/no-model", f"train.output_dir={tmp_path / 'r'}"
+    )
+    assert code == 2 and "not in the local cache and the hub is unreachable" in err
+    assert time.perf_counter() - start < 10 and not (tmp_path / "r").exists()
