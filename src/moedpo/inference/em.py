@@ -43,14 +43,6 @@ from moedpo.models.bt import mixture_bt_model
 from moedpo.models.gates import FixedGate
 
 SCHEDULES = ("em", "svi", "gumbel")
-PER_EXPERT = (
-    "em/expert_usage",
-    "gate/usage",
-    "rewards/margins",
-    "rewards/accuracies_per_expert",
-    "rewards/chosen",
-    "rewards/rejected",
-)
 
 
 class VariationalEM:
@@ -77,7 +69,6 @@ class VariationalEM:
         clip_grad_norm: float | None = None,
         lr_scheduler=None,
         sync=None,
-        latent_device: str | torch.device | None = None,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
@@ -95,7 +86,6 @@ class VariationalEM:
         self.load_balance, self.usage_entropy = load_balance, usage_entropy
         self.clip_grad_norm, self.lr_scheduler = clip_grad_norm, lr_scheduler
         self.sync = sync  # moedpo.distributed.DataParallel: sums across processes (None: one process)
-        self.latent_device = latent_device  # where the Pyro E-step and M-step objective run (None: h's device)
         self.num_steps = 0
         self.metrics: dict[str, float] = {}
 
@@ -114,8 +104,6 @@ class VariationalEM:
                 out = as_dict(self.experts.margins(batch))  # margins (B, K)
                 h, leaves = margins_with_leaves(out)
                 gate_logits, extra = gate_output(self.gate(batch, out))  # gate
-                if self.latent_device is not None:  # copies keep the graph to the experts' device
-                    h, gate_logits, extra = _to(self.latent_device, h, gate_logits, extra)
                 args = (h, gate_logits, self.beta, torch.ones(h.shape[0], dtype=h.dtype, device=h.device))
                 kwargs = {"label_smoothing": self.label_smoothing, **extra}
                 if e_steps[i] is None:
@@ -203,9 +191,3 @@ class VariationalEM:
         if self.sync is None:
             return float(value)
         return float(self.sync.sum(torch.tensor(float(value), dtype=torch.float64)))
-
-
-def _to(device: torch.device, h: torch.Tensor, gate_logits: torch.Tensor, extra: dict):
-    """h, gate logits and the model's tensor keyword arguments on ``device`` (differentiable copies)."""
-    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return move(h), move(gate_logits), {k: move(v) for k, v in extra.items()}

@@ -219,17 +219,6 @@ def posterior_marginals(model, *args, max_plate_nesting: int | None = None, **kw
     return posterior(model, *args, max_plate_nesting=max_plate_nesting, **kwargs).marginals
 
 
-def latent_frames(model, args, kwargs, max_plate_nesting: int) -> dict[str, list[tuple[str, int, int]]]:
-    """The enumerated (discrete latent) sites of ``model`` and the plates (name, size, dim) each sits in."""
-    with torch.no_grad():
-        sites = _sample_sites(_trace(model, max_plate_nesting, _detached(args), _detached(kwargs)))
-    return {
-        name: [(f.name, f.size, f.dim) for f in site["cond_indep_stack"] if f.vectorized]
-        for name, site in sites.items()
-        if _is_latent(site)
-    }
-
-
 def _detached(value):
     if isinstance(value, torch.Tensor):
         return value.detach()

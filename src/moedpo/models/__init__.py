@@ -2,7 +2,7 @@
 
 from moedpo.models.bt import mixture_bt_model, relaxed_bt_model, user_bt_model, user_slots
 from moedpo.models.gates import FixedGate, MLPGate, Router, UserGate, top1_route
-from moedpo.models.guides import AmortizedGuide, RelaxedGuide, empty_guide, posterior_guide
+from moedpo.models.guides import AmortizedGuide, RelaxedGuide, empty_guide
 
 __all__ = [
     "AmortizedGuide",
@@ -13,7 +13,6 @@ __all__ = [
     "UserGate",
     "empty_guide",
     "mixture_bt_model",
-    "posterior_guide",
     "relaxed_bt_model",
     "top1_route",
     "user_bt_model",

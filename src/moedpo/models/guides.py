@@ -5,12 +5,9 @@
 - :class:`AmortizedGuide` — an ``nn.Module`` from pair or user features to logits over experts
   (q_phi(z | x, y+, y-, u)), enumerated in parallel *in the guide*, so its ELBO is computed exactly.
 - :class:`RelaxedGuide` — Gumbel-Softmax z with a temperature; straight-through top-1 for sparse routing.
-- :func:`posterior_guide` — q fixed to given (detached) marginals: the E-step result used by the EM M-step.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import pyro
 import pyro.distributions as dist
@@ -70,20 +67,3 @@ class RelaxedGuide:
         name, size = ("pairs", h.shape[0]) if user_index is None else ("users", gate_logits.shape[0])
         with pyro.plate(name, size):
             pyro.sample("z", cls(temperature, logits=guide_logits))
-
-
-def posterior_guide(marginals: dict[str, torch.Tensor], frames: dict[str, list]):
-    """A guide whose latent sites are fixed categorical distributions (probabilities are detached).
-
-    ``marginals`` maps a site name to probabilities shaped like the site's batch shape + (K,); ``frames`` maps
-    it to the plates (name, size, dim) it sits in (see :func:`moedpo.inference.estep.latent_frames`).
-    """
-
-    def guide(*args, **kwargs):
-        for name, probs in marginals.items():
-            with contextlib.ExitStack() as stack:
-                for plate_name, size, dim in frames[name]:
-                    stack.enter_context(pyro.plate(plate_name, size, dim=dim))
-                pyro.sample(name, dist.Categorical(probs=probs.detach()), infer=ENUM)
-
-    return guide
