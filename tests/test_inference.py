@@ -20,19 +20,29 @@ def world():
     return make_tabular_world(num_types=2, annotators_per_type=8, pairs_per_annotator=80, seed=3)
 
 
+class WithGuideFeatures:
+    """Tabular experts whose margins carry each pair's features, as an LLM bank's carry the base's states."""
+
+    def __init__(self, experts, features):
+        self.experts, self.features, self.num_experts = experts, features, experts.num_experts
+
+    def margins(self, pairs):
+        return {"h": self.experts.margins(pairs), "guide_features": self.features}
+
+
 def fit_user_scope(world, schedule, steps, guide=None, **options):
     torch.manual_seed(0)
     experts = TabularExperts(world.ref_logits, 2, init_std=1.0)
     gate = FixedGate(2, learnable=False)
     pairs, num_users = world.train, world.user_types.numel()
-    user_features = torch.eye(num_users)
+    features = pair_features(pairs, *world.ref_logits.shape)
 
     def gate_logits(batch, _margins):
-        return gate(num_users), {"user_index": batch.user, "features": user_features}
+        return gate(num_users), {"user_index": batch.user}
 
     params = list(experts.parameters()) + (list(guide.parameters()) if guide is not None else [])
     loop = VariationalEM(
-        experts,
+        WithGuideFeatures(experts, features),
         gate_logits,
         torch.optim.Adam(params, lr=0.05),
         beta=1.0,
@@ -59,8 +69,18 @@ def test_schedules_recover_planted_types(world, schedule):
     assert set(loop.metrics) >= {"loss", "em/responsibility_entropy", "em/expert_usage_0", "gate/usage_1"}
 
 
+def pair_features(pairs, num_prompts, num_responses):
+    """A tabular pair's guide features [prompt, chosen, rejected]: one-hot rows of width P x R each."""
+    width, rows = num_prompts * num_responses, torch.arange(len(pairs))
+    grid = torch.zeros(len(pairs), 3, width)
+    grid[rows, 0, pairs.prompt] = 1.0
+    grid[rows, 1, pairs.prompt * num_responses + pairs.chosen] = 1.0
+    grid[rows, 2, pairs.prompt * num_responses + pairs.rejected] = 1.0
+    return grid.reshape(len(pairs), 3 * width)
+
+
 def test_svi_with_amortized_guide_recovers_types(world):
-    guide = AmortizedGuide(torch.nn.Linear(world.user_types.numel(), 2))
+    guide = AmortizedGuide(3 * world.ref_logits.numel(), 2, hidden=32)
     ari, _, loop = fit_user_scope(world, "svi", steps=150, guide=guide)
     assert ari == 1.0
 

@@ -69,10 +69,12 @@ def test_amortized_guide_elbo_matches_closed_form():
     torch.manual_seed(0)
     h = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     g = torch.randn(6, 3, dtype=torch.float64)
-    features = torch.randn(6, 4, dtype=torch.float64)
-    guide = AmortizedGuide(torch.nn.Linear(4, 3).double())
-    loss = marginal_loss(mixture_bt_model, guide, h, g, 1.5, torch.ones(6, dtype=torch.float64), features=features)
-    q = torch.softmax(guide.logits(features), -1)
+    features = torch.randn(6, 6, dtype=torch.float64)
+    guide = _perturbed(AmortizedGuide(6, 3, hidden=8).double())
+    loss = marginal_loss(
+        mixture_bt_model, guide, h, g, 1.5, torch.ones(6, dtype=torch.float64), guide_features=features
+    )
+    q = torch.softmax(guide.logits(features, g), -1)
     expected = -elbo(q, h, g, 1.5).sum()
     assert torch.allclose(loss, expected)
     for a, b in zip(
@@ -81,19 +83,40 @@ def test_amortized_guide_elbo_matches_closed_form():
         assert torch.allclose(a, b)
 
 
+def _perturbed(guide):
+    """The guide starts at the prior (zero read-outs): move it off, so the tests see its features."""
+    with torch.no_grad():
+        for param in guide.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    return guide
+
+
 def test_amortized_guide_user_scope_matches_closed_form():
     torch.manual_seed(1)
     h = torch.randn(7, 2, dtype=torch.float64)
     users = torch.tensor([0, 1, 0, 2, 2, 1, 0])
     g = torch.randn(3, 2, dtype=torch.float64)
-    features = torch.randn(3, 5, dtype=torch.float64)
-    guide = AmortizedGuide(torch.nn.Linear(5, 2).double())
+    features = torch.randn(7, 6, dtype=torch.float64)
+    guide = _perturbed(AmortizedGuide(6, 2, hidden=8).double())
     obs = torch.ones(7, dtype=torch.float64)
-    loss = marginal_loss(user_bt_model, guide, h, g, 1.0, obs, user_index=users, features=features)
-    q = torch.softmax(guide.logits(features), -1)  # (U, K)
+    loss = marginal_loss(user_bt_model, guide, h, g, 1.0, obs, user_index=users, guide_features=features)
+    q = torch.softmax(guide.logits(features, g, users), -1)  # (U, K)
     loglik = torch.zeros(3, 2, dtype=torch.float64).index_add(0, users, torch.nn.functional.logsigmoid(h))
     expected = -((q * (loglik + torch.log_softmax(g, -1))).sum(-1) - torch.special.xlogy(q, q).sum(-1)).sum()
     assert torch.allclose(loss, expected)
+
+
+def test_amortized_guide_pools_an_annotators_pairs_without_order():
+    """q(z_u | D_u) is a function of the set of u's pairs: reordering the batch changes nothing; an annotator
+    with no pairs in the batch gets the prior."""
+    torch.manual_seed(4)
+    guide = _perturbed(AmortizedGuide(6, 3, hidden=8).double())
+    features, users = torch.randn(7, 6, dtype=torch.float64), torch.tensor([0, 1, 0, 2, 2, 1, 0])
+    g = torch.randn(4, 3, dtype=torch.float64)
+    order = torch.randperm(7)
+    assert torch.allclose(guide.logits(features, g, users), guide.logits(features[order], g, users[order]))
+    empty = guide.logits(features, g, users)[3]
+    assert torch.allclose(empty, g[3] + guide.pooled.bias)  # no evidence: prior plus the read-out's bias
 
 
 def test_em_loss_with_exact_posterior_is_the_marginal_nll():

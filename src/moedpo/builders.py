@@ -26,6 +26,7 @@ from moedpo.data.tokenize import tokenize_rows
 from moedpo.experts import HeadsBank, IndependentBank, LoRABank
 from moedpo.models.bt import mixture_bt_model, user_bt_model
 from moedpo.models.gates import FixedGate, MLPGate, Router, UserGate
+from moedpo.models.guides import AmortizedGuide
 
 DATA_FILE = "data.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -242,8 +243,8 @@ def disable_dropout(model) -> None:
 def reuse_graph_by_default(mode: str, num_experts: int, schedule: str) -> bool:
     """Whether the E-step reuses the update's forward: it then holds every expert's activations at once, so only
     for K = 1, or heads mode (an expert's activations are its top layers) with K <= 8; never for sparse updates
-    (``gumbel`` runs only the drawn expert's forward and backward)."""
-    if schedule == "gumbel":
+    (``gumbel`` and ``routed`` run only the drawn expert's forward and backward)."""
+    if schedule in ("gumbel", "routed"):
         return False
     return num_experts == 1 or (mode == "heads" and num_experts <= 8)
 
@@ -292,6 +293,16 @@ def build_gate(config: Config, feature_dim: int, num_users: int, user_feature_di
     return Router(net, g.type, config.em.scope, user_features=g.user_features)
 
 
+def build_guide(config: Config, base):
+    """``em.guide``: ``amortized`` (q_phi(z | x, y+, y-) on the frozen base's pooled prompt, chosen and rejected
+    states), a user's ``package.module:name``, or None."""
+    if not config.em.guide:
+        return None
+    if config.em.guide == "amortized":
+        return AmortizedGuide(3 * base.config.hidden_size, config.experts.num_experts, hidden=config.gate.hidden)
+    return import_object(config.em.guide, "em.guide")
+
+
 BUILTIN_MODELS = {"mixture": mixture_bt_model, "pair": mixture_bt_model, "user": user_bt_model}
 
 
@@ -334,7 +345,7 @@ class Run:
     bank: object
     gate: Router
     model: object  # the latent preference model (a Pyro function)
-    guide: object = None  # svi: a Pyro guide (an nn.Module's parameters train with the rest)
+    guide: object = None  # em.guide: a Pyro guide (an nn.Module's parameters train with the rest)
 
 
 def build_run(config: Config, device: torch.device, saved: Path | None = None) -> Run:
@@ -351,7 +362,7 @@ def build_run(config: Config, device: torch.device, saved: Path | None = None) -
         data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
     bank = build_bank(config, base, device)
     gate = build_gate(config, gate_feature_dim(config, base, data), len(data.user_ids), data.user_feature_dim)
-    guide = import_object(config.em.guide, "em.guide") if config.em.guide else None
+    guide = build_guide(config, base)
     if isinstance(guide, torch.nn.Module):
         guide = guide.to(bank.device)
     return Run(config, tokenizer, base, data, bank, gate.to(bank.device), model, guide)

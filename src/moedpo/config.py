@@ -62,10 +62,11 @@ class GateConfig:
 
 @dataclass
 class EMConfig:
-    schedule: str = "em"  # em (exact E-step) | svi (marginal likelihood / guide ELBO) | gumbel (sparse top-1 draws)
+    schedule: str = "em"  # em (exact E-step) | svi (ELBO) | gumbel (sparse, exact draws) | routed (sparse, z ~ guide)
     scope: str = "user"  # user (one latent per annotator) | pair (one latent per comparison)
     model: str | None = None  # latent model: mixture | user | package.module:name (default: the scope's built-in)
-    guide: str | None = None  # svi only: a Pyro guide, package.module:name (default: exact enumeration)
+    guide: str | None = None  # amortized (q(z | x, y+, y-); any schedule) | package.module:name (svi, routed)
+    exact_every: int = 10  # routed: every N-th step is a dense exact EM step (keeps the guide honest; 0: never)
     beta: float = 0.5  # DPO beta: KL strength; reward difference = beta * margin
     label_smoothing: float = 0.0  # robust / conservative DPO link, in [0, 0.5)
     m_steps: int = 1  # M-step updates per E-step (the learning-rate schedule counts EM steps)
@@ -192,7 +193,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 CHOICES = {
     ("experts", "mode"): ("lora", "heads", "independent"),
     ("gate", "type"): ("fixed", "mlp", "user"),
-    ("em", "schedule"): ("em", "svi", "gumbel"),
+    ("em", "schedule"): ("em", "svi", "gumbel", "routed"),
     ("em", "scope"): ("user", "pair"),
     ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
@@ -225,8 +226,21 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}={value!r}: expected {expected}")
     if config.train.loss_type != "sigmoid" and config.em.schedule != "em":
         raise ConfigError(f"train.loss_type={config.train.loss_type!r} needs em.schedule=em (the q-weighted TRL loss)")
-    if config.em.guide and config.em.schedule != "svi":
-        raise ConfigError("em.guide is used by em.schedule=svi only (em and gumbel use the exact posterior)")
+    em = config.em
+    if em.schedule == "routed" and not em.guide:
+        raise ConfigError("em.schedule=routed draws each unit's expert from a guide: set em.guide=amortized")
+    if em.guide and em.guide != "amortized" and em.schedule not in ("svi", "routed"):
+        raise ConfigError(
+            f"em.guide={em.guide!r}: a Pyro guide of your own is used by em.schedule=svi or routed (em and gumbel "
+            "use the exact posterior; em.guide=amortized trains alongside any schedule)"
+        )
+    if em.guide == "amortized" and em.model not in (None, "", "mixture", "pair", "user"):
+        raise ConfigError(
+            f"em.guide=amortized fits the built-in models' one latent site z; em.model={em.model!r} is your own: "
+            "pass your own guide as em.guide=package.module:name"
+        )
+    if em.exact_every < 0:
+        raise ConfigError(f"em.exact_every={em.exact_every!r}: expected an integer >= 0")
     if config.em.scope == "user" and config.gate.type == "mlp":
         raise ConfigError(
             "gate.type=mlp reads prompt features, which differ between one annotator's pairs; "

@@ -2,7 +2,7 @@
 
     config.yaml  metrics.jsonl  experts/expert_<k>/  gate.safetensors  users.json  base/ (builtin model)
     data.json (tokenized splits: eval and generate need no original file)  reference_logps.safetensors
-    checkpoint/  (params.safetensors, gate.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json)
+    checkpoint/  (params.safetensors, gate.safetensors, optimizer.pt, scheduler.pt, rng.pt, loop.json, state.json)
     report/
 
 Checkpoints are written to ``checkpoint.tmp`` and swapped in by renames, so a crash mid-save never spoils
@@ -57,8 +57,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def save_checkpoint(run_dir: Path, step: int, params: dict, gate_state: dict, optimizer, scheduler) -> None:
-    """Write everything a resumed run needs, atomically (tmp folder + renames)."""
+def save_checkpoint(
+    run_dir: Path, step: int, params: dict, gate_state: dict, optimizer, scheduler, loop_state: dict | None = None
+) -> None:
+    """Write everything a resumed run needs, atomically (tmp folder + renames). ``loop_state``: plain JSON of the
+    EM loop (the routed schedule's baselines)."""
     tmp, final, old = run_dir / f"{CHECKPOINT}.tmp", run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -70,6 +73,7 @@ def save_checkpoint(run_dir: Path, step: int, params: dict, gate_state: dict, op
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
+    (tmp / "loop.json").write_text(json.dumps(loop_state or {}))
     (tmp / "state.json").write_text(json.dumps({"step": step, "complete": True}))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -101,8 +105,8 @@ def restore_parameters(path: Path, params: dict) -> None:
             param.copy_(saved[name].to(param.device, param.dtype))
 
 
-def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler) -> int:
-    """Restore parameters, gate, optimizer, scheduler and RNG in place; returns the step."""
+def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler, loop=None) -> int:
+    """Restore parameters, gate, optimizer, scheduler, RNG and the EM loop's state in place; returns the step."""
     restore_parameters(path, params)
     gate.load_state_dict(load_file(path / "gate.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
@@ -112,6 +116,8 @@ def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler) -> int
     random.setstate(_as_python_state(rng["python"]))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if loop is not None and (path / "loop.json").exists():
+        loop.load_state_dict(json.loads((path / "loop.json").read_text()))
     return json.loads((path / "state.json").read_text())["step"]
 
 

@@ -29,6 +29,7 @@ from moedpo.progress import Progress
 from moedpo.runs import MetricsLogger, find_checkpoint, load_checkpoint, save_checkpoint
 
 REFERENCE_FILE = "reference_logps.safetensors"
+GUIDE_FILE = "guide.safetensors"
 
 
 class BatchPlan:
@@ -149,7 +150,7 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps))
     loop = _em_loop(run, optimizer, scheduler, dp)
-    start = load_checkpoint(find_checkpoint(run_dir), params, run.gate, optimizer, scheduler) if resume else 0
+    start = load_checkpoint(find_checkpoint(run_dir), params, run.gate, optimizer, scheduler, loop) if resume else 0
     loop.num_steps = start
     if resume and dp.is_main:  # only now that the checkpoint fits: record the continued run's config
         save_config(config, run_dir / "config.yaml", notes=(f"em.scope={config.em.scope}; {run.data.split}",))
@@ -169,11 +170,11 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
             logger.log(step + 1, metrics)
         progress.update(step + 1, loss=loss, acc=loop.metrics.get("rewards/accuracies", float("nan")))
         if dp.is_main and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
-            save_checkpoint(run_dir, step + 1, params, run.gate.state_dict(), optimizer, scheduler)
+            save_checkpoint(run_dir, step + 1, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict())
     progress.close()
     if dp.is_main:
         logger.close()
-        save_checkpoint(run_dir, t.max_steps, params, run.gate.state_dict(), optimizer, scheduler)
+        save_checkpoint(run_dir, t.max_steps, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict())
         _save_artefacts(run, run_dir)
     dp.barrier()
     dp.close()
@@ -220,6 +221,7 @@ def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:
         clip_grad_norm=config.train.max_grad_norm,
         lr_scheduler=scheduler,
         sync=dp if dp.enabled else None,
+        exact_every=em.exact_every,
     )
 
 
@@ -234,6 +236,8 @@ def _save_artefacts(run: Run, run_dir: Path) -> None:
             adapter.write_text(json.dumps(adapter_config, indent=2))
     gate_state = {k: v.detach().cpu().contiguous() for k, v in run.gate.state_dict().items()}
     save_file(gate_state, run_dir / "gate.safetensors")
+    if isinstance(run.guide, torch.nn.Module):
+        save_file({k: v.detach().cpu().contiguous() for k, v in run.guide.state_dict().items()}, run_dir / GUIDE_FILE)
     if run.data.eval:
         metrics, details = evaluate(run, run.data.train, run.data.eval)
         metrics.update({"data/num_truncated": run.data.num_truncated, "data/num_dropped": run.data.num_dropped})

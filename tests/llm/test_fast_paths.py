@@ -111,3 +111,42 @@ def test_reference_log_probs_are_computed_once_and_kept_with_the_run(tmp_path, m
     calls.clear()
     train(load_config(overrides=[*overrides, "train.max_steps=6"]), resume=True)
     assert calls == []  # --resume reads them from the run directory
+
+
+@pytest.mark.parametrize("cls", [LoRABank, HeadsBank], ids=["lora", "heads"])
+def test_routed_margins_run_each_pair_through_its_expert_only(tokenizer, batch, cls):
+    """margins(route=z): each pair's routed entry equals the dense pass, with the same gradient (pushed by the
+    plain per-expert backward); other entries are zero and constant; each expert runs once, on its own pairs
+    (heads: the trunk once per batch)."""
+    torch.manual_seed(0)
+    bank = cls(tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id), 3, init_std=0.3)
+    route = torch.tensor([2, 0, 2, 2, 0, 2])  # expert 1 gets no pair
+    weights = torch.linspace(-1, 1, 12).reshape(2, 6)
+    dense = bank.margins(batch)  # no graph: the E-step pass
+    picked = torch.nn.functional.one_hot(route, 3).float()
+    bank.backward(batch, weights[0, :, None] * picked, weights[1, :, None] * picked)
+    expected = {n: p.grad.clone() for n, p in bank.trainable_parameters().items() if p.grad is not None}
+    for p in bank.trainable_parameters().values():
+        p.grad = None
+
+    rows_seen = []
+    original = bank.rows_logps
+    bank.rows_logps = lambda k, b, rows: rows_seen.append((k, rows.tolist())) or original(k, b, rows)
+    trunk_calls = []
+    if cls is HeadsBank:
+        trunk = bank.trunk
+        bank.trunk = lambda b: trunk_calls.append(1) or trunk(b)
+    routed = bank.margins(batch, route=route)
+    for key in ("chosen_logps", "rejected_logps"):
+        assert torch.allclose(routed[key] * picked, dense[key] * picked, atol=1e-5)
+        assert torch.equal(routed[key] * (1 - picked), torch.zeros_like(picked))
+    (
+        (routed["chosen_logps"] * weights[0, :, None]).sum() + (routed["rejected_logps"] * weights[1, :, None]).sum()
+    ).backward()
+    got = {n: p.grad for n, p in bank.trainable_parameters().items() if p.grad is not None}
+    assert got.keys() == expected.keys() and not any(".expert_1." in n for n in got)
+    for name in got:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+    assert rows_seen == [(0, [1, 4]), (2, [0, 2, 3, 5])]
+    if cls is HeadsBank:
+        assert len(trunk_calls) == 2  # one trunk for the batch, sliced per expert (the trunk is cached per batch)

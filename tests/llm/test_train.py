@@ -244,3 +244,32 @@ def test_generation_uses_the_chat_template_of_a_conversational_run(tmp_path):
     templated = prompt_input_ids(session.tokenizer, turn("user", "describe the garden :"))
     assert prompt_input_ids(session.tokenizer, session.as_prompt("describe the garden :")) == templated
     assert session.tokenizer.decode(templated).endswith("assistant :")
+
+
+def test_routed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    """Guide-routed sparse training: the guide's draws, its parameters and the score-function baselines all come
+    back from the checkpoint (a crash at step 10 of 12, checkpoint at 8)."""
+    from moedpo.inference import VariationalEM
+
+    steps = ["train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=0"]
+    routed = ["em.schedule=routed", "em.guide=amortized", "em.exact_every=3", *steps]
+    reference = train(config(tmp_path, *routed, name="uninterrupted"))
+    original = VariationalEM.step
+
+    def crash_at_ten(self, *batches):
+        if self.num_steps == 9:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *batches)
+
+    monkeypatch.setattr(VariationalEM, "step", crash_at_ten)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, *routed, name="crashed"))
+    monkeypatch.setattr(VariationalEM, "step", original)
+    assert json.loads((tmp_path / "crashed" / "checkpoint" / "loop.json").read_text())["baseline"]["per_unit"]
+    resumed = train(config(tmp_path, *routed, name="crashed"), resume=True)
+    expected = load_file(reference / "checkpoint/params.safetensors")
+    got = load_file(resumed / "checkpoint/params.safetensors")
+    assert expected.keys() == got.keys() and any(name.startswith("guide.") for name in got)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert (resumed / "guide.safetensors").exists()

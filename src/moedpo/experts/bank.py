@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from moedpo.experts.logprobs import pooled_prompt_features, sequence_logps
+from moedpo.experts.logprobs import pooled_features, sequence_logps
 
 
 def select_pairs(batch: dict, rows: torch.Tensor) -> dict:
@@ -37,6 +37,13 @@ def select_pairs(batch: dict, rows: torch.Tensor) -> dict:
     return out
 
 
+def _reference_dict(chosen, rejected, features, completions) -> dict:
+    out = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected, "features": features}
+    if completions is not None:  # (B, 3D): prompt, chosen and rejected completions, pooled
+        out["guide_features"] = torch.cat([features, completions], -1)
+    return out
+
+
 class ExpertBank:
     """Shared logic; subclasses implement ``expert_logps(k, batch)`` and ``reference_pass(batch)``."""
 
@@ -47,6 +54,7 @@ class ExpertBank:
         self.autocast_dtype, self.reuse_graph = autocast_dtype, reuse_graph
         self._ref_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._feature_cache: dict[int, torch.Tensor] = {}
+        self._completion_cache: dict[int, torch.Tensor] = {}
 
     # -- subclasses ---------------------------------------------------------------------------------------------
     def expert_logps(self, k: int, batch: dict) -> torch.Tensor:
@@ -70,8 +78,10 @@ class ExpertBank:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     @torch.no_grad()
-    def reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ref_chosen_logps, ref_rejected_logps) (B,) or (B, K), and prompt features (B, D); cached per example.
+    def reference(self, batch: dict) -> dict:
+        """The frozen base's view of a batch, cached per example: ``ref_chosen_logps`` / ``ref_rejected_logps`` (B,)
+        or (B, K), pooled prompt ``features`` (B, D) for the gate, and ``guide_features`` (B, 3D): the pooled prompt,
+        chosen and rejected completions, for the amortized guide.
 
         The cache holds small CPU copies keyed by ``batch["index"]`` (no views that would pin whole batches on the
         device); examples with a negative index (routing probes) are never cached.
@@ -81,43 +91,75 @@ class ExpertBank:
         if not cacheable or any(i not in self._ref_cache for i in index):
             self.eval_mode()
             with self.autocast():
-                logps, features = self.reference_pass(batch)
+                logps, pooled = self.reference_pass(batch)
             chosen, rejected = logps.float().chunk(2)
-            features = features[: len(index)].float()  # chosen half: the prompt's features
+            pooled = pooled.float()
+            width = pooled.shape[-1] // 2
+            features = pooled[: len(index), :width]  # chosen half: the prompt's features
+            completions = torch.cat([pooled[: len(index), width:], pooled[len(index) :, width:]], -1)
             if not cacheable:
-                return chosen, rejected, features
+                return _reference_dict(chosen, rejected, features, completions)
             for j, i in enumerate(index):
                 self._ref_cache[i] = (chosen[j].cpu().clone(), rejected[j].cpu().clone())
                 self._feature_cache[i] = features[j].cpu().clone()
-        chosen = torch.stack([self._ref_cache[i][0] for i in index]).to(self.device)
-        rejected = torch.stack([self._ref_cache[i][1] for i in index]).to(self.device)
-        return chosen, rejected, torch.stack([self._feature_cache[i] for i in index]).to(self.device)
+                self._completion_cache[i] = completions[j].cpu().clone()
 
-    def margins(self, batch: dict) -> dict:
-        """Every expert's log-probs on the batch: {"chosen_logps", "rejected_logps": (B, K), "ref_chosen_logps",
-        "ref_rejected_logps": (B,) or (B, K), "chosen_lengths", "rejected_lengths": (B,) completion tokens,
-        "features": (B, D) pooled prompt states}.
+        def stack(rows):
+            return torch.stack(list(rows)).to(self.device)
+
+        chosen = stack(self._ref_cache[i][0] for i in index)
+        rejected = stack(self._ref_cache[i][1] for i in index)
+        features = stack(self._feature_cache[i] for i in index)
+        known = all(i in self._completion_cache for i in index)
+        completions = stack(self._completion_cache[i] for i in index) if known else None
+        return _reference_dict(chosen, rejected, features, completions)
+
+    def margins(self, batch: dict, route: torch.Tensor | None = None) -> dict:
+        """Every expert's log-probs on the batch: {"chosen_logps", "rejected_logps": (B, K), "chosen_lengths",
+        "rejected_lengths": (B,) completion tokens, plus :meth:`reference`'s keys}.
 
         Without a graph (eval mode: the E-step pass), unless ``reuse_graph`` and grad is on: then the log-probs keep
         their graph (train mode) and the loop backpropagates through them, so no expert runs twice.
+
+        ``route`` (B,) long: sparse routing. Each pair runs only its routed expert, with a graph (train mode); the
+        other experts' entries are zero and constant. Expert k's forward sees only its own pairs.
         """
         batch = self.to_device(batch)
-        ref_chosen, ref_rejected, features = self.reference(batch)
-        graph = self.reuse_graph and torch.is_grad_enabled()
-        self.train_mode() if graph else self.eval_mode()
-        with torch.set_grad_enabled(graph), self.autocast():
-            logps = torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)
-        chosen, rejected = logps.chunk(2)  # (B, K) each
+        out = self.reference(batch)
+        if route is not None:
+            chosen, rejected = self._routed_logps(batch, route.to(self.device))
+        else:
+            graph = self.reuse_graph and torch.is_grad_enabled()
+            self.train_mode() if graph else self.eval_mode()
+            with torch.set_grad_enabled(graph), self.autocast():
+                logps = torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)
+            chosen, rejected = logps.chunk(2)  # (B, K) each
         lengths = batch["completion_mask"].sum(-1).float()
         return {
             "chosen_logps": chosen,
             "rejected_logps": rejected,
-            "ref_chosen_logps": ref_chosen,
-            "ref_rejected_logps": ref_rejected,
             "chosen_lengths": lengths[: chosen.shape[0]],
             "rejected_lengths": lengths[chosen.shape[0] :],
-            "features": features,
+            **out,
         }
+
+    def _routed_logps(self, batch: dict, route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num_pairs = route.shape[0]
+        logps = torch.zeros(2 * num_pairs, self.num_experts, device=self.device)
+        self.train_mode()
+        for k in range(self.num_experts):
+            rows = torch.nonzero(route == k).squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            with self.autocast():
+                values = self.rows_logps(k, batch, rows).float()  # (2B',) with a graph
+            both = torch.cat([rows, rows + num_pairs])
+            logps = logps.index_put((both, torch.full_like(both, k)), values)
+        return logps.chunk(2)
+
+    def rows_logps(self, k: int, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        """Expert k's sequence log-probs on the pairs ``rows`` of a batch: (2B',) as [chosen; rejected]."""
+        return self.expert_logps(k, batch if rows.numel() == batch["index"].shape[0] else select_pairs(batch, rows))
 
     @torch.no_grad()
     def precompute_reference(self, examples: list[dict], pad_token_id: int, batch_size: int = 32, progress=None):
@@ -132,21 +174,27 @@ class ExpertBank:
                 progress(len(missing[start : start + batch_size]))
 
     def reference_state(self) -> dict[str, torch.Tensor]:
-        """The reference cache as tensors (for safetensors): index (N,), chosen/rejected (N,) or (N, K), features."""
+        """The reference cache as tensors (for safetensors): index (N,), chosen/rejected (N,) or (N, K), features
+        (N, D), completion_features (N, 2D)."""
         index = sorted(self._ref_cache)
         if not index:
             return {}
-        return {
+        state = {
             "index": torch.tensor(index),
             "ref_chosen_logps": torch.stack([self._ref_cache[i][0] for i in index]),
             "ref_rejected_logps": torch.stack([self._ref_cache[i][1] for i in index]),
             "features": torch.stack([self._feature_cache[i] for i in index]),
         }
+        if all(i in self._completion_cache for i in index):
+            state["completion_features"] = torch.stack([self._completion_cache[i] for i in index])
+        return state
 
     def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
         for j, i in enumerate(state["index"].tolist()):
             self._ref_cache[i] = (state["ref_chosen_logps"][j].clone(), state["ref_rejected_logps"][j].clone())
             self._feature_cache[i] = state["features"][j].clone()
+            if "completion_features" in state:  # runs saved before the amortized guide lack them
+                self._completion_cache[i] = state["completion_features"][j].clone()
 
     def backward(self, batch: dict, grad_chosen: torch.Tensor, grad_rejected: torch.Tensor) -> None:
         """Backpropagate d loss / d log-probs (B, K) into the experts, one expert's forward+backward at a time
@@ -159,9 +207,8 @@ class ExpertBank:
             rows = torch.nonzero((grad_chosen[:, k] != 0) | (grad_rejected[:, k] != 0)).squeeze(-1).to(self.device)
             if rows.numel() == 0:
                 continue  # sparse routing: expert k got no pair
-            sub = batch if rows.numel() == num_pairs else select_pairs(batch, rows)
             with self.autocast():
-                logps = self.expert_logps(k, sub).float()  # (2B',)
+                logps = self.rows_logps(k, batch, rows).float()  # (2B',)
             logps.backward(grad[torch.cat([rows, rows + num_pairs]), k].to(logps.dtype))
 
     def train_mode(self) -> None:
@@ -272,7 +319,7 @@ class LoRABank(ExpertBank):
     def reference_pass(self, batch):
         with self.model.disable_adapter():
             logps, hidden = self._logps(batch, return_hidden=True)
-        features = pooled_prompt_features(hidden, batch["attention_mask"], batch["completion_mask"])
+        features = pooled_features(hidden, batch["attention_mask"], batch["completion_mask"])
         if self.reference_names is not None:
             per_expert = []
             for name in self.reference_names:

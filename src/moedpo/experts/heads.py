@@ -15,8 +15,8 @@ import copy
 import torch
 from torch import nn
 
-from moedpo.experts.bank import ExpertBank, LoRABank
-from moedpo.experts.logprobs import pooled_prompt_features, sequence_logps
+from moedpo.experts.bank import ExpertBank, LoRABank, select_pairs
+from moedpo.experts.logprobs import pooled_features, sequence_logps
 
 
 def _decoder_stack(model):
@@ -85,8 +85,8 @@ class HeadsBank(LoRABank):
             self._trunk_key, self._trunk = key, out.last_hidden_state
         return self._trunk
 
-    def _top_logps(self, batch):
-        hidden = self.trunk(batch)
+    def _top_logps(self, batch, hidden=None):
+        hidden = self.trunk(batch) if hidden is None else hidden
         with self._only_layers(self.layers[self.split :], keep_norm=True):
             return sequence_logps(
                 self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], inputs_embeds=hidden
@@ -95,6 +95,15 @@ class HeadsBank(LoRABank):
     def expert_logps(self, k: int, batch: dict) -> torch.Tensor:
         self.activate(k)
         return self._top_logps(batch)
+
+    def rows_logps(self, k: int, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        """Expert k on some pairs of a batch: the batch's trunk (computed once) sliced, then k's top layers."""
+        if rows.numel() == batch["index"].shape[0]:
+            return self.expert_logps(k, batch)
+        both = torch.cat([rows, rows + batch["index"].shape[0]])
+        hidden = self.trunk(batch)[both]
+        self.activate(k)
+        return self._top_logps(select_pairs(batch, rows), hidden)
 
     @torch.no_grad()
     def _verify_split(self) -> None:
@@ -159,7 +168,7 @@ class IndependentBank(ExpertBank):
             batch["completion_mask"],
             return_hidden=True,
         )
-        return logps, pooled_prompt_features(hidden, batch["attention_mask"], batch["completion_mask"])
+        return logps, pooled_features(hidden, batch["attention_mask"], batch["completion_mask"])
 
     def save_experts(self, directory) -> None:
         """Full model folders ``directory/expert_<k>`` (``AutoModelForCausalLM.from_pretrained`` loads them)."""

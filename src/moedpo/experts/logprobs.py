@@ -166,3 +166,21 @@ def pooled_prompt_features(hidden: torch.Tensor, attention_mask: torch.Tensor, c
     """Mean of hidden states over prompt tokens: (N, T, D) -> (N, D) float32."""
     prompt = (attention_mask.bool() & ~completion_mask.bool()).unsqueeze(-1).float()
     return (hidden.float() * prompt).sum(1) / prompt.sum(1).clamp_min(1.0)
+
+
+def pooled_completion_features(hidden: torch.Tensor, completion_mask: torch.Tensor):
+    """Mean of hidden states over completion tokens: (N, T, D) -> (N, D) float32."""
+    completion = completion_mask.bool().unsqueeze(-1).float()
+    return (hidden.float() * completion).sum(1) / completion.sum(1).clamp_min(1.0)
+
+
+def pooled_features(hidden: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
+    """Prompt and completion means side by side, (N, T, D) -> (N, 2D): what the gate (prompt half) and the
+    amortized guide (both halves of chosen and rejected) read, at no cost beyond the reference pass."""
+    return torch.cat(
+        [
+            pooled_prompt_features(hidden, attention_mask, completion_mask),
+            pooled_completion_features(hidden, completion_mask),
+        ],
+        -1,
+    )

@@ -6,6 +6,7 @@ from moedpo.inference.estep import (
     Posterior,
     e_step,
     expected_log_joint,
+    guide_kl,
     log_joint,
     map_assignment,
     marginal_nll,
@@ -14,17 +15,27 @@ from moedpo.inference.estep import (
     posterior_marginals,
     sample_posterior,
 )
-from moedpo.inference.objectives import em_loss, gate_cross_entropy, marginal_loss, relaxed_loss, sampled_loss
+from moedpo.inference.objectives import (
+    draw_from_guide,
+    em_loss,
+    gate_cross_entropy,
+    marginal_loss,
+    relaxed_loss,
+    routed_loss,
+    sampled_loss,
+)
 
 __all__ = [
     "SCHEDULES",
     "EStep",
     "Posterior",
     "VariationalEM",
+    "draw_from_guide",
     "e_step",
     "em_loss",
     "expected_log_joint",
     "gate_cross_entropy",
+    "guide_kl",
     "log_joint",
     "map_assignment",
     "marginal_loss",
@@ -33,6 +44,7 @@ __all__ = [
     "posterior",
     "posterior_marginals",
     "relaxed_loss",
+    "routed_loss",
     "sample_posterior",
     "sampled_loss",
 ]

@@ -214,6 +214,14 @@ def marginal_nll(model, *args, max_plate_nesting: int | None = None, **kwargs) -
         return float(elbo.loss(model, empty_guide, *args, **kwargs))
 
 
+def guide_kl(model, guide, *args, max_plate_nesting: int | None = None, **kwargs) -> float:
+    """KL(q || exact posterior) of an enumerable guide, summed over the batch: log p(obs) - ELBO(q) (a float)."""
+    elbo = TraceEnum_ELBO(max_plate_nesting=plate_nesting(model, max_plate_nesting))
+    with torch.no_grad(), pyro.validation_enabled(False):
+        negative_elbo = elbo.loss(model, guide, *args, **kwargs)
+    return negative_elbo - marginal_nll(model, *args, max_plate_nesting=max_plate_nesting, **kwargs)
+
+
 def posterior_marginals(model, *args, max_plate_nesting: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
     """Each latent site's exact posterior, (plate dims..., K): ``posterior(...).marginals``."""
     return posterior(model, *args, max_plate_nesting=max_plate_nesting, **kwargs).marginals

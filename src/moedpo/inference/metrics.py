@@ -41,6 +41,24 @@ def step_record(e: EStep, out: dict, h: torch.Tensor, gate_logits: torch.Tensor,
     return record
 
 
+def routed_record(q, drawn, route, h, gate_logits, elbo: float) -> dict:
+    """A routed step's sums: the guide's q (units, K), the drawn experts per unit and per pair, and the drawn
+    expert's margin (``h`` is zero elsewhere)."""
+    num_experts = q.shape[-1]
+    prior = torch.softmax(gate_logits.detach().float().reshape(-1, num_experts), -1)
+    drawn_h = h.gather(-1, route.unsqueeze(-1)).squeeze(-1).float()
+    q = q.float()
+    return {
+        "pairs": h.shape[0],
+        "units": q.shape[0],
+        "loss": -elbo,
+        "em/responsibility_entropy": float(-(torch.special.xlogy(q, q)).sum()),  # the guide's q
+        "rewards/accuracies": float((drawn_h > 0).float().sum()),
+        "em/expert_usage": torch.nn.functional.one_hot(drawn, num_experts).float().sum(0).cpu(),
+        "gate/usage": prior.sum(0).cpu(),
+    }
+
+
 def summarise(records: list[dict]) -> dict:
     """Means over pairs (rewards, accuracies) or latent units (usage, entropy) of this process's records."""
     if not records:
@@ -50,6 +68,8 @@ def summarise(records: list[dict]) -> dict:
         "rewards/accuracies": sum(r["rewards/accuracies"] for r in records) / pairs,
         "em/responsibility_entropy": sum(r["em/responsibility_entropy"] for r in records) / units,
     }
+    if all("guide/kl" in r for r in records):
+        metrics["guide/kl"] = sum(r["guide/kl"] for r in records) / units
     per_unit = {"em/expert_usage": units, "gate/usage": units}
     for key in PER_EXPERT:
         if key not in records[0]:

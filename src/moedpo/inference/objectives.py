@@ -6,14 +6,20 @@
   clique marginals, so nested latents are exact). Its gradient is the weighted DPO loss of the experts plus
   the gate's cross-entropy to q.
 - :func:`sampled_loss` — -log p(obs, z) at one posterior draw of z (``gumbel``: sparse top-1 updates).
+- :func:`routed_loss` — the ELBO at one draw of z from a guide, with a score-function (REINFORCE) term and a
+  baseline for the guide: sparse updates routed by the guide, where only the drawn expert's margin exists.
 - :func:`relaxed_loss` — the Gumbel-Softmax Monte Carlo ELBO (for relaxed models and guides).
 - :func:`gate_cross_entropy` — -sum_k q_k log w_k, the gate M-step for networks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro.poutine.util import site_is_subsample
 
 from moedpo.inference.estep import Posterior, expected_log_joint, log_joint, plate_nesting, posterior
 from moedpo.models.guides import empty_guide
@@ -44,6 +50,126 @@ def em_loss(
 def sampled_loss(model, values: dict, *args, max_plate_nesting: int | None = None, **kwargs) -> torch.Tensor:
     """-log p(obs, z = values): stochastic EM with one exact posterior draw (only the drawn experts learn)."""
     return -log_joint(model, values, *args, max_plate_nesting=max_plate_nesting, **kwargs)
+
+
+def draw_from_guide(guide, *args, **kwargs) -> poutine.Trace:
+    """Run the guide once outside enumeration: one draw of its latents, log q with a graph to its parameters."""
+    trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    trace.compute_log_prob()
+    return trace
+
+
+def latent_site(trace) -> dict:
+    """The one latent sample site of a guide trace (routing needs exactly one: which expert runs)."""
+    sites = [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    sites = [s for s in sites if not s["is_observed"]]
+    if len(sites) != 1:
+        raise ValueError(
+            f"routing by a guide needs one latent site, the expert index; found {[s['name'] for s in sites]}"
+        )
+    return sites[0]
+
+
+def guide_fit_loss(model, guide, post: Posterior, *args, max_plate_nesting: int | None = None, **kwargs):
+    """The guide's objective where the exact posterior p is known (every expert's margin computed):
+    -ELBO(q) + KL(p || q), summed over the batch. Returns (loss, ELBO).
+
+    The ELBO (enumerated in the guide, :func:`marginal_loss`) alone is mode-seeking: a q that became confident
+    in the wrong expert while the experts were still moving gets a gradient of order q_right, which vanishes, and
+    stays wrong. KL(p || q) has gradient q - p, which does not; both terms are zero exactly at q = p.
+    """
+    negative_elbo = marginal_loss(model, guide, *args, max_plate_nesting=max_plate_nesting, **kwargs)
+    return negative_elbo + forward_kl(guide, post, *args, **kwargs), -negative_elbo.detach()
+
+
+def forward_kl(guide, post: Posterior, *args, **kwargs) -> torch.Tensor:
+    """KL(p || q) of the guide's q to the exact posterior p, summed over the batch (a graph to the guide)."""
+    site = latent_site(draw_from_guide(guide, *args, **kwargs))
+    exact = post.marginals[site["name"]]
+    log_q = torch.log_softmax(site["fn"].logits, -1).reshape(-1, exact.shape[-1])
+    exact = exact.reshape(-1, exact.shape[-1]).to(log_q)
+    return (torch.special.xlogy(exact, exact) - exact * log_q).sum()
+
+
+@dataclass
+class RoutedLoss:
+    surrogate: torch.Tensor  # minimise: its gradient is the ELBO's (pathwise for experts and gate, REINFORCE for q)
+    elbo: torch.Tensor  # scalar: the single-draw ELBO estimate, sum over units
+    signal: torch.Tensor  # (units,): log p(obs_u, z_u) - log q(z_u), detached (the REINFORCE learning signal)
+
+
+def routed_loss(model, guide_trace, *args, baseline=None, **kwargs) -> RoutedLoss:
+    """Single-draw ELBO with z from ``guide_trace`` (a :func:`draw_from_guide` trace) and a score-function term.
+
+    Per latent unit u (a pair, or an annotator in user scope), the learning signal is
+    s_u = log p(obs_u, z_u) - log q(z_u), with log p summed over the unit's own sites (Rao-Blackwellised: other
+    units' costs do not enter). The surrogate is -[sum_u s_u + sum_u (s_u - b_u) log q(z_u)] with s_u - b_u
+    held constant, where ``baseline`` b (units,) is any value independent of z_u (variance reduction; the
+    expectation of the gradient does not change). The model's margins h need only be right in the drawn column.
+    """
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    model_trace.compute_log_prob()
+    site = latent_site(guide_trace)
+    log_q = site["log_prob"]  # (unit shape,), e.g. (B,) or (U, 1)
+    log_p = torch.zeros_like(log_q)
+    rest = 0.0
+    for node in model_trace.nodes.values():
+        if node["type"] != "sample" or site_is_subsample(node):
+            continue
+        lp = node["log_prob"]
+        if lp.dim() >= log_q.dim() and all(a in (b, 1) for a, b in zip(log_q.shape, lp.shape[-log_q.dim() :])):
+            log_p = log_p + lp.sum_to_size(log_q.shape)  # this unit's cost
+        else:
+            rest = rest + lp.sum()  # sites outside the units' plate: in the ELBO, not in any unit's signal
+    signal = (log_p - log_q).detach()
+    centred = signal - (0.0 if baseline is None else baseline.reshape(signal.shape).to(signal))
+    elbo = (log_p - log_q).sum() + rest
+    surrogate = -(elbo + (centred * log_q).sum())
+    return RoutedLoss(surrogate, elbo.detach(), signal.reshape(-1))
+
+
+class SignalBaseline:
+    """Baselines for :func:`routed_loss`: decaying averages of the learning signal.
+
+    Per latent unit where units recur (an annotator across steps, a pair across epochs): b_u is the average of
+    u's own past signals, whichever experts were drawn, so it removes what differs between units (how many
+    pairs, how easy) and leaves what the drawn expert adds. Units seen for the first time get the running
+    average per pair times their number of pairs. b_u never depends on the current draw of z_u (unbiased).
+    """
+
+    def __init__(self, decay: float = 0.8):
+        self.decay = decay
+        self.per_unit: dict = {}
+        self.per_pair: float | None = None
+
+    def __call__(self, keys: list | None, counts: torch.Tensor) -> torch.Tensor | None:
+        """b (units,) for units ``keys`` (hashable ids, or None) with ``counts`` pairs each."""
+        if self.per_pair is None and not self.per_unit:
+            return None
+        default = (self.per_pair or 0.0) * counts.double()
+        if keys is None:
+            return default
+        own = [self.per_unit.get(k) for k in keys]
+        return torch.tensor([d if o is None else o for o, d in zip(own, default.tolist())], dtype=torch.float64)
+
+    def update(self, keys: list | None, counts: torch.Tensor, signal: torch.Tensor) -> None:
+        signal = signal.double().cpu()
+        per_pair = float(signal.sum() / counts.sum())
+        self.per_pair = per_pair if self.per_pair is None else self._mix(self.per_pair, per_pair)
+        for key, value in zip(keys or [], signal.tolist()):
+            old = self.per_unit.get(key)
+            self.per_unit[key] = value if old is None else self._mix(old, value)
+
+    def state_dict(self) -> dict:
+        """Plain JSON: the running averages (a resumed run continues with the same baselines)."""
+        return {"per_pair": self.per_pair, "per_unit": [[*key, value] for key, value in self.per_unit.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_pair = state["per_pair"]
+        self.per_unit = {tuple(item[:-1]): item[-1] for item in state["per_unit"]}
+
+    def _mix(self, old: float, new: float) -> float:
+        return self.decay * old + (1 - self.decay) * new
 
 
 def relaxed_loss(model, guide, *args, num_particles: int = 1, **kwargs) -> torch.Tensor:
