@@ -1,4 +1,4 @@
-"""Command line: ``moedpo train``, ``moedpo eval``, ``moedpo generate``, ``moedpo config``."""
+"""Command line: ``moedpo train``, ``moedpo eval``, ``moedpo generate``, ``moedpo personalize``, ``moedpo config``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def main(argv=None) -> int:
     p_config = sub.add_parser("config", help="print every config key with its value, type and meaning")
     p_config.add_argument("--config", help="YAML config file: print it resolved (defaults filled in)")
     p_config.add_argument("overrides", nargs="*", help="section.key=value")
+    p_pers = sub.add_parser(
+        "personalize", help="a new annotator's posterior over the experts from a few labelled pairs (no retraining)"
+    )
+    p_pers.add_argument("run_dir")
+    p_pers.add_argument("--pairs", required=True, help="the annotator's labelled pairs (a preference file)")
+    p_pers.add_argument("--user", help="the annotator's name (default: the file's user_id, else its name)")
     p_gen = sub.add_parser("generate", help="route a prompt by the gate and generate with that expert")
     p_gen.add_argument("run_dir")
     p_gen.add_argument("--prompt", required=True)
@@ -50,6 +56,16 @@ def main(argv=None) -> int:
             from moedpo.session import evaluate_run
 
             print(json.dumps(evaluate_run(args.run_dir, args.data), indent=1))
+        elif args.command == "personalize":
+            from moedpo.personalize import personalization_path, personalize
+
+            result = personalize(args.run_dir, args.pairs, args.user)
+            print(json.dumps(result.__dict__, indent=1))
+            print(
+                f"saved {personalization_path(args.run_dir, result.user)}; route it with: moedpo generate "
+                f"{args.run_dir} --user {result.user} --prompt ...",
+                file=sys.stderr,
+            )
         else:
             from moedpo.session import generate
 

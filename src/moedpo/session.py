@@ -14,7 +14,9 @@ from moedpo.config import ConfigError, load_config
 from moedpo.data.loading import load_preference_rows
 from moedpo.data.tokenize import collate, prompt_input_ids, tokenize_rows
 from moedpo.eval.evaluate import evaluate, user_posteriors
+from moedpo.personalize import load_personalization
 from moedpo.runs import find_checkpoint, restore_parameters
+from moedpo.training import GUIDE_FILE, REFERENCE_FILE
 
 
 class RunSession:
@@ -33,6 +35,11 @@ class RunSession:
             raise FileNotFoundError(f"{self.run_dir}: no complete checkpoint")
         restore_parameters(checkpoint, self.bank.trainable_parameters())
         self.gate.load_state_dict(load_file(self.run_dir / "gate.safetensors"))
+        if isinstance(self.run.guide, torch.nn.Module) and (self.run_dir / GUIDE_FILE).exists():
+            self.run.guide.load_state_dict(load_file(self.run_dir / GUIDE_FILE))
+        reference = self.run_dir / REFERENCE_FILE
+        if reference.exists():  # the run's own examples need no reference pass
+            self.bank.load_reference_state(load_file(reference))
 
     def evaluate(self, data: str | None = None) -> dict:
         held_out = self.run.data.eval
@@ -58,9 +65,16 @@ class RunSession:
 
     @torch.no_grad()
     def route(self, prompt: str, user: str | None = None) -> torch.Tensor:
-        """Expert weights (K,) for a prompt: the annotator's posterior (user scope), else the gate's prior."""
+        """Expert weights (K,) for a prompt: the annotator's posterior (user scope, or a personalized new
+        annotator's, see :mod:`moedpo.personalize`), else the gate's prior."""
         if user is not None and user not in self.user_ids:
-            raise ConfigError(f"--user {user!r}: not an annotator of this run (e.g. {self.user_ids[:3]})")
+            personal = load_personalization(self.run_dir, user)
+            if personal is not None:
+                return torch.tensor(personal.exact)
+            raise ConfigError(
+                f"--user {user!r}: not an annotator of this run (e.g. {self.user_ids[:3]}), and not personalized: "
+                f"run `moedpo personalize {self.run_dir} --pairs FILE --user {user}` first"
+            )
         if self.config.gate.type == "user" and user is None:
             raise ConfigError(f"this run's gate is user-conditioned: pass --user (one of {self.user_ids[:5]}...)")
         user_index = self.user_ids.index(user) if user is not None else 0
@@ -84,7 +98,7 @@ class RunSession:
         if self.config.gate.encoder:
             attach_encoder_features(self.config.gate.encoder, [example])
         batch = self.bank.to_device(collate([example], self.tokenizer.pad_token_id))
-        features = self.bank.reference(batch)[2]
+        features = self.bank.reference(batch)["features"]
         return self.gate.pair_weights(batch, features)[0].cpu()
 
     def as_prompt(self, prompt: str):

@@ -130,6 +130,30 @@ class Router(nn.Module):
         return self.net(user_ids=users, user_features=wanted)
 
     @torch.no_grad()
+    def new_user_logits(self, batch: dict, features: torch.Tensor | None) -> torch.Tensor:
+        """The gate's prior logits (K,) for an annotator it has never seen, whose pairs are ``batch``: the Mix-DPO
+        proportions; a user gate's mean user embedding plus its feature network on the annotator's
+        ``user_features`` (how a user gate generalises to new users); an MoE gate's weights averaged over the
+        pairs' prompts."""
+        device = next(self.parameters()).device
+        if self.kind == "fixed":
+            return torch.log_softmax(self.net(1)[0], -1)
+        if self.kind == "mlp":
+            prompts = batch["prompt_features"] if "prompt_features" in batch else features
+            weights = torch.softmax(self.net(prompts.to(device).float()), -1).mean(0)
+            return weights.clamp_min(1e-30).log()
+        gate = self.net
+        logits = 0.0
+        if gate.embedding is not None:
+            logits = gate.embedding.weight.mean(0)  # the population's average annotator
+        if gate.net is not None:
+            user_features = batch.get("user_features")
+            if user_features is None:
+                raise ValueError("this run's user gate reads user_features: the new annotator's rows need them")
+            logits = logits + gate.net(user_features[:1].to(device).float())[0]
+        return torch.log_softmax(logits, -1)
+
+    @torch.no_grad()
     def pair_weights(self, batch: dict, features: torch.Tensor | None) -> torch.Tensor:
         """The gate's prior w(x, u) for each pair: (B, K)."""
         logits, extra = self.logits(batch, features)
