@@ -128,7 +128,7 @@ def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str, args):
     from moedpo.builders import reuse_graph_by_default
     from moedpo.experts import HeadsBank, LoRABank
     from moedpo.inference import VariationalEM
-    from moedpo.models import FixedGate
+    from moedpo.models import AmortizedGuide, FixedGate
 
     model = build_model(shape, device, dtype)
     autocast = torch.bfloat16 if device.startswith("cuda") else None
@@ -136,9 +136,12 @@ def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str, args):
     options = dict(r=16, alpha=32, init_std=0.01, autocast_dtype=autocast, reuse_graph=reuse)
     bank = HeadsBank(model, k, top_layers=2, **options) if mode == "heads" else LoRABank(model, k, **options)
     gate = FixedGate(k).to(device)
-    params = [*bank.trainable_parameters().values(), *gate.parameters()]
+    guide = AmortizedGuide(3 * model.config.hidden_size, k).to(device) if schedule == "routed" else None
+    params = [*bank.trainable_parameters().values(), *gate.parameters(), *(guide.parameters() if guide else [])]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    loop = VariationalEM(bank, lambda b, _: gate(b["index"].numel()), optimizer, beta=0.1, schedule=schedule)
+    loop = VariationalEM(
+        bank, lambda b, _: gate(b["index"].numel()), optimizer, beta=0.1, schedule=schedule, guide=guide
+    )  # routed: no exact steps, the steady state (with em.exact_every=10, one step in ten costs a dense em step)
     batch = random_batch(shape, device)
     bank.reference(batch)  # cached reference log-probs: computed once per dataset, as in training
     return measure(lambda: loop.step(batch), device, args.warmup, args.steps)
@@ -154,6 +157,8 @@ ROWS = [
     ("moedpo heads top_layers=2, K=4", "heads", None, 4, "em"),
     ("moedpo heads top_layers=2, K=4, sparse", "heads", None, 4, "gumbel"),
     ("moedpo heads top_layers=2, K=8", "heads", None, 8, "em"),
+    ("moedpo lora K=4, guide-routed", "lora", None, 4, "routed"),
+    ("moedpo heads top_layers=2, K=4, guide-routed", "heads", None, 4, "routed"),
 ]
 
 

@@ -23,6 +23,7 @@ def test_step_cost_runs():
 
 def test_vs_trl_runs(tmp_path):
     out = run("vs_trl.py", "--shape", "small", "--steps", "1", "--warmup", "0", "--only", "heads top_layers=2, K=1",
-              "--out", str(tmp_path / "r.json"))  # fmt: skip
+              "heads top_layers=2, K=4, guide", "--out", str(tmp_path / "r.json"))  # fmt: skip
     assert "TRL DPOTrainer, LoRA all linear" in out and "moedpo heads top_layers=2, K=1" in out
+    assert "moedpo heads top_layers=2, K=4, guide-routed" in out
     assert json.loads(out.strip().splitlines()[-1])["rows"]["moedpo heads top_layers=2, K=1"]["x_trl_full_ft"] > 0

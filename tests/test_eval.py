@@ -22,3 +22,13 @@ def test_best_permutation_and_tv():
     assert best_permutation(cost) == (1, 0)
     assert total_variation(torch.tensor([0.5, 0.5]), torch.tensor([0.8, 0.2])).item() == pytest.approx(0.3)
     assert pair_accuracy(torch.tensor([0.9, 0.2, 0.6, 0.5])) == pytest.approx(0.5)
+
+
+def test_win_rate_interval_is_wilsons():
+    """By hand: 320 of 320 wins -> Wilson lower bound 1 / (1 + 1.96^2 / 320) = 0.98814; 50 of 100 -> 0.5 +- 0.0962."""
+    from moedpo.eval.users import interval
+
+    all_won = interval([1.0] * 320)
+    assert all_won["rate"] == 1.0 and abs(all_won["low"] - 1 / (1 + 1.96**2 / 320)) < 1e-12
+    half = interval([1.0, 0.0] * 50)
+    assert abs(half["low"] - 0.40383) < 1e-5 and abs(half["high"] - 0.59617) < 1e-5

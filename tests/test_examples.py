@@ -7,7 +7,7 @@ import sys
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-EXERCISED = {"planted_experts.py", "hierarchical_model.py"}  # the latter: tests/test_custom_model.py
+EXERCISED = {"planted_experts.py", "hierarchical_model.py", "users_world.py"}  # the latter: tests/test_custom_model.py
 
 
 def test_every_example_is_exercised():
@@ -31,3 +31,32 @@ def test_planted_experts_shrink(capsys):
 def test_planted_experts_full(capsys):
     assert run_example("planted_experts.py") == 0
     assert "[FAIL]" not in capsys.readouterr().out
+
+
+def run_users_world(tmp_path, *args):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.argv = ["users_world.py", "--out", str(tmp_path / "uw"), *args]
+    namespace = runpy.run_path(str(EXAMPLES / "users_world.py"), run_name="users_world")
+    return namespace["main"]([*sys.argv[1:]])
+
+
+def test_users_world_shrink_writes_its_report(tmp_path):
+    results = run_users_world(tmp_path, "--shrink")
+    report = tmp_path / "uw" / "report"
+    for name in ("users.md", "users.json", "user_map.png", "new_users.png"):
+        assert (report / name).stat().st_size > 200, name
+    assert set(results["new_users"]) == {"exact", "amortized", "prior"}
+    assert set(results["new_users"]["exact"]) == {1, 2, 4, 8, 16}
+    win = results["win_rates"]["win_rate_vs_dpo"]
+    assert win["low"] <= win["rate"] <= win["high"] and win["n"] == 24
+
+
+@pytest.mark.slow
+def test_users_world_full(tmp_path):
+    """Issue 8's users world: the mixture beats DPO by the users' own true rewards; new users from 8 pairs."""
+    results = run_users_world(tmp_path)
+    assert results["ari"] >= 0.9
+    assert results["win_rates"]["win_rate_vs_dpo"]["low"] >= 0.55
+    assert results["new_users"]["exact"][8] >= results["seen_accuracy"] - 0.03
