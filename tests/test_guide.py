@@ -142,3 +142,21 @@ def test_signal_baseline_uses_each_units_own_history():
     b = baseline(["a", "b", "new"], torch.tensor([2, 4, 3]))
     assert b[0] == pytest.approx(-3.0) and b[1] == pytest.approx(-8.0)  # own averages
     assert b[2] == pytest.approx(3 * (0.5 * (-10 / 6) + 0.5 * (-2.0)))  # unseen: per-pair average x its pairs
+
+
+def test_svi_accepts_a_guide_that_is_not_one_categorical_site():
+    """A user's own guide (here: the empty guide, i.e. exact enumeration in the model) trains under svi; the
+    KL(p || q) term applies only to a guide of the model's one latent site."""
+    from moedpo.inference import VariationalEM
+    from moedpo.models import empty_guide
+
+    model, (h, g, beta, obs), kwargs = batch("user", seed=6)
+    h = h.float().requires_grad_(True)
+    loop = VariationalEM(
+        lambda b: None, None, torch.optim.SGD([h], lr=0.1), beta=beta, model=model, schedule="svi", guide=empty_guide
+    )
+    loop.experts = type("E", (), {"num_experts": 3, "margins": staticmethod(lambda b: {"h": h})})()
+    loop.gate = lambda b, out: (g.float(), kwargs)
+    expected = marginal_nll(model, h.detach(), g.float(), beta, obs.float(), **kwargs) / 9  # before the step
+    assert loop.step([0] * 9) == pytest.approx(expected, rel=1e-5)
+    assert loop.step([0] * 9) < expected  # and it trains

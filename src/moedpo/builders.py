@@ -52,6 +52,10 @@ def build_base(config: Config, saved_base: Path | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(saved_base) if saved_base is not None else config.model.name_or_path
+    if name == "scratch":  # no model at all: tokenizer, small Llama and SFT on the data (cached)
+        from moedpo.sft import scratch_reference
+
+        name = str(scratch_reference(config))
     if name == "builtin":
         tokenizer = train_tokenizer()
         model = tiny_causal_lm(

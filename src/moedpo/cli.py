@@ -17,6 +17,11 @@ def main(argv=None) -> int:
     p_train.add_argument("--config", help="YAML config file (see examples/configs/)")
     p_train.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
     p_train.add_argument("overrides", nargs="*", help="section.key=value, e.g. experts.num_experts=3")
+    sft_help = "a reference policy from the data: fine-tune model.name_or_path on the preferred completions"
+    p_sft = sub.add_parser("sft", help=sft_help, description=sft_help)
+    p_sft.add_argument("--config", help="YAML config file (data.*, model.*, sft.* keys)")
+    p_sft.add_argument("--resume", action="store_true", help="continue sft.output_dir from its last checkpoint")
+    p_sft.add_argument("overrides", nargs="*", help="section.key=value, e.g. sft.max_steps=500")
     p_eval = sub.add_parser("eval", help="held-out mixture and per-expert accuracy of a run")
     p_eval.add_argument("run_dir")
     p_eval.add_argument("--data", help="held-out preference file (default: the run's own held-out split)")
@@ -48,6 +53,11 @@ def main(argv=None) -> int:
 
             run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
             print(f"run directory: {run_dir}")
+        elif args.command == "sft":
+            from moedpo.sft import sft
+
+            folder = sft(load_config(args.config, args.overrides), resume=args.resume)
+            print(f"model folder: {folder} (use it as model.name_or_path={folder})")
         elif args.command == "config":
             from moedpo.config import describe
 

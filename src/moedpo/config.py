@@ -15,7 +15,7 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "builtin"  # "builtin" (tiny Llama + local tokenizer), a hub name or a local folder
+    name_or_path: str = "builtin"  # builtin (tiny Llama) | scratch (BPE + Llama + SFT on the data) | hub | folder
     hidden_size: int = 64  # builtin only
     num_layers: int = 2  # builtin only
     dtype: str = "float32"  # weights: float32 | bfloat16 | float16
@@ -67,6 +67,7 @@ class EMConfig:
     model: str | None = None  # latent model: mixture | user | package.module:name (default: the scope's built-in)
     guide: str | None = None  # amortized (q(z | x, y+, y-); any schedule) | package.module:name (svi, routed)
     exact_every: int = 10  # routed: every N-th step is a dense exact EM step (keeps the guide honest; 0: never)
+    exact_warmup: int = 20  # routed: the first N steps are dense exact EM steps (the experts separate first)
     beta: float = 0.5  # DPO beta: KL strength; reward difference = beta * margin
     label_smoothing: float = 0.0  # robust / conservative DPO link, in [0, 0.5)
     m_steps: int = 1  # M-step updates per E-step (the learning-rate schedule counts EM steps)
@@ -98,6 +99,27 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    output_dir: str = "runs/sft-{time}"  # moedpo sft: the model folder it writes (model.name_or_path accepts it)
+    max_steps: int = 300  # optimizer steps (TRL name); -1: num_train_epochs passes over the data
+    num_train_epochs: float = 3.0  # passes over the data when max_steps is -1
+    learning_rate: float = 1e-3  # AdamW learning rate (1e-3 suits small models; ~2e-5 full-tuning a large one)
+    per_device_train_batch_size: int = 16  # sequences per step
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 10  # linear warmup, in steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    use_peft: bool = False  # LoRA instead of a full fine-tune (merged into the saved model)
+    lora_r: int = 16  # LoRA rank when use_peft
+    lora_alpha: int = 32  # LoRA scaling numerator when use_peft
+    completion_only_loss: bool = True  # loss on the preferred completion only (TRL's default); false: prompt too
+    save_steps: int = 100  # checkpoint for --resume every N steps
+    logging_steps: int = 10  # metrics.jsonl line every N steps
+    scratch_vocab_size: int = 2048  # model.name_or_path=scratch: byte-level BPE vocabulary trained on the data
+    scratch_hidden_size: int = 128  # model.name_or_path=scratch: width of the small Llama
+    scratch_num_layers: int = 4  # model.name_or_path=scratch: its decoder layers
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -105,6 +127,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     em: EMConfig = field(default_factory=EMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -201,6 +224,7 @@ CHOICES = {
     ("train", "loss_type"): ("sigmoid", "ipo", "hinge", "robust"),
     ("experts", "reuse_graph"): ("auto", "true", "false"),
     ("train", "bf16"): ("auto", "true", "false"),
+    ("sft", "lr_scheduler_type"): ("cosine", "linear", "constant"),
 }
 
 
@@ -219,6 +243,9 @@ def validate(config: Config) -> None:
         (config.train.max_steps >= 1, "train.max_steps", "an integer >= 1"),
         (config.train.learning_rate >= 0, "train.learning_rate", "a number >= 0"),
         (config.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "an integer >= 1"),
+        (config.sft.max_steps == -1 or config.sft.max_steps >= 1, "sft.max_steps", "an integer >= 1, or -1"),
+        (config.sft.per_device_train_batch_size >= 1, "sft.per_device_train_batch_size", "an integer >= 1"),
+        (config.sft.scratch_vocab_size >= 300, "sft.scratch_vocab_size", "an integer >= 300 (256 bytes + merges)"),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -239,8 +266,9 @@ def validate(config: Config) -> None:
             f"em.guide=amortized fits the built-in models' one latent site z; em.model={em.model!r} is your own: "
             "pass your own guide as em.guide=package.module:name"
         )
-    if em.exact_every < 0:
-        raise ConfigError(f"em.exact_every={em.exact_every!r}: expected an integer >= 0")
+    for key in ("exact_every", "exact_warmup"):
+        if getattr(em, key) < 0:
+            raise ConfigError(f"em.{key}={getattr(em, key)!r}: expected an integer >= 0")
     if config.em.scope == "user" and config.gate.type == "mlp":
         raise ConfigError(
             "gate.type=mlp reads prompt features, which differ between one annotator's pairs; "

@@ -125,9 +125,19 @@ def personalize(run_dir, pairs, user: str | None = None, save: bool = True) -> P
         if len(named) > 1:
             raise ConfigError(f"{source}: rows of {len(named)} annotators; pass --user NAME, or one annotator's file")
         user = named.pop() if named else (Path(source).stem if source != "<rows>" else "new_user")
+    user = str(user)
     if user in session.user_ids:
-        raise ConfigError(f"--user {user!r} is an annotator of this run already: its posterior comes from training")
-    result = posteriors_from_examples(session, _tokenized(session, rows, source), user)
+        raise ConfigError(f"{user!r} is an annotator of this run already: its posterior comes from training")
+    if named:  # a file of several annotators: only this one's rows
+        if user not in named:
+            raise ConfigError(f"--user {user!r}: no row of {source} has this user_id (it has {sorted(named)[:5]})")
+        rows = [r for r in rows if r.user_id == user]
+    try:
+        result = posteriors_from_examples(session, _tokenized(session, rows, source), user)
+    except (ValueError, RuntimeError) as err:  # the gate cannot read these rows (missing or mis-sized features)
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{source}: {err}") from None
     if save:
         result.save(session.run_dir)
     return result

@@ -108,6 +108,10 @@ def _write_run_header(config: Config, run_dir: Path, tokenizer, base, data) -> N
     save_config(config, run_dir / "config.yaml", notes=(f"em.scope={config.em.scope}; {data.split}",))
     (run_dir / "users.json").write_text(json.dumps(data.user_ids))
     data.save(run_dir / DATA_FILE)  # eval, routing and generation need none of the original files
+    if config.model.name_or_path == "scratch" and not (run_dir / "base").exists():
+        from moedpo.sft import scratch_reference
+
+        shutil.copytree(scratch_reference(config), run_dir / "base")  # the cache may be cleared: keep it with the run
     if config.model.name_or_path == "builtin" and not (run_dir / "base").exists():
         # the built-in base is not on any hub: keep it with the run. Rebuilt (deterministic from the seed), since the
         # bank's adapters are already injected into ``base``
@@ -222,6 +226,7 @@ def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:
         lr_scheduler=scheduler,
         sync=dp if dp.enabled else None,
         exact_every=em.exact_every,
+        exact_warmup=em.exact_warmup,
     )
 
 

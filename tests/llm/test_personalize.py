@@ -94,4 +94,18 @@ def test_bad_personalize_requests_fail_clearly(users_run, tmp_path):
         personalize(run_dir, rows + other)
     no_features = [{k: v for k, v in r.items() if k != "user_features"} for r in rows]
     with pytest.raises(ValueError, match="user_features"):
-        personalize(run_dir, no_features, user="someone")
+        personalize(run_dir, no_features)
+
+
+def test_user_picks_that_annotators_rows_from_a_shared_file(users_run, tmp_path):
+    run_dir, new, _ = users_run
+    (a, (rows_a, _)), (b, (rows_b, _)) = list(new.items())[:2]
+    both = tmp_path / "both.jsonl"
+    both.write_text("".join(json.dumps(r) + "\n" for r in rows_a + rows_b))
+    only_a = personalize(run_dir, str(both), user=a)
+    assert only_a.num_pairs == len(rows_a) and only_a.exact == personalize(run_dir, rows_a).exact
+    with pytest.raises(ConfigError, match="no row of"):
+        personalize(run_dir, str(both), user="zed")
+    wide = [{**r, "user_features": [0.0] * 7} for r in rows_a]
+    with pytest.raises(ConfigError, match="reads 4"):
+        personalize(run_dir, wide)

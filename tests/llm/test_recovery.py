@@ -56,17 +56,19 @@ def test_user_scope_recovers_types_and_beats_single_dpo(tmp_path, setting):
     assert accuracy >= best - 0.075  # Bayes oracle 0.905 here; the mixture reaches 0.835-0.88 (target: 2 points)
 
 
-def test_guide_routed_sparse_training_matches_exact_em(tmp_path):
+@pytest.mark.parametrize("mode, slack", [("lora", 0.02), ("heads", 0.03)])
+def test_guide_routed_sparse_training_matches_exact_em(tmp_path, mode, slack):
     """em.schedule=routed: z ~ q_phi(z_u | the annotator's pairs) from the frozen base's features, then only that
-    expert's forward and backward; every 10th step is a dense exact step, where the guide's KL is measured."""
-    exact, _ = final_eval(tmp_path, "em")
-    routed, rows = final_eval(tmp_path, "routed", "em.schedule=routed", "em.guide=amortized")
+    expert's forward and backward; the first 20 steps and every 10th are dense exact steps, where the guide's KL
+    is measured. Without the warm-up, heads experts collapsed onto one (ARI 0.0 on seeds 0 and 2)."""
+    exact, _ = final_eval(tmp_path, "em", f"experts.mode={mode}")
+    routed, rows = final_eval(tmp_path, "routed", f"experts.mode={mode}", "em.schedule=routed", "em.guide=amortized")
     accuracy = routed["eval/rewards/accuracies"]
-    print("routed", routed["eval/ari"], accuracy, "exact EM", exact["eval/rewards/accuracies"])
+    print("routed", mode, routed["eval/ari"], accuracy, "exact EM", exact["eval/rewards/accuracies"])
     assert routed["eval/ari"] >= 0.9
-    assert accuracy >= exact["eval/rewards/accuracies"] - 0.02
+    assert accuracy >= exact["eval/rewards/accuracies"] - slack - 1e-6  # lora: the issue's 2 points
     exact_steps = [r for r in rows if r["em/exact_step"] == 1.0]
-    assert len(exact_steps) == 15 and all("guide/kl" in r for r in exact_steps)
+    assert len(exact_steps) == 20 + 13 and all("guide/kl" in r for r in exact_steps)  # warm-up, then 20, 30 .. 140
     assert max(r["guide/kl"] for r in exact_steps[-5:]) < 0.05  # the guide matches the exact posterior
     sparse = [r for r in rows if r["em/exact_step"] == 0.0]
     assert all(r["em/expert_usage_0"] + r["em/expert_usage_1"] == pytest.approx(1.0) for r in sparse)

@@ -252,7 +252,7 @@ def test_routed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     from moedpo.inference import VariationalEM
 
     steps = ["train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=0"]
-    routed = ["em.schedule=routed", "em.guide=amortized", "em.exact_every=3", *steps]
+    routed = ["em.schedule=routed", "em.guide=amortized", "em.exact_every=3", "em.exact_warmup=2", *steps]
     reference = train(config(tmp_path, *routed, name="uninterrupted"))
     original = VariationalEM.step
 

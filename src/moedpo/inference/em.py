@@ -23,8 +23,10 @@ gives the update of one big batch):
 - ``routed``: sparse updates routed by the guide, with no E-step over K: z ~ q_phi from features that cost no
   expert forward (``experts.reference(batch)``, which must give ``guide_features``), then only expert z runs,
   forward and backward (``experts.margins(batch, route=z)``). The guide learns by a score-function estimator
-  with a decaying-average baseline (:func:`~moedpo.inference.objectives.routed_loss`). Every ``exact_every``-th
-  step (0: never) is a dense ``em`` step instead, which keeps the guide honest and logs its KL.
+  with a decaying-average baseline (:func:`~moedpo.inference.objectives.routed_loss`). The first ``exact_warmup``
+  steps and every ``exact_every``-th step (0: never) are dense ``em`` steps instead: the warm-up lets the experts
+  separate before a guide routes them (routing from a symmetric start let one expert take every annotator in
+  heads mode), the periodic ones keep the guide honest and log its KL.
 
 With a ``guide`` under ``em``, ``gumbel`` and ``routed``'s exact steps, the guide is trained alongside on its
 enumerated ELBO with the margins and the gate held fixed (minimising KL(q_phi || exact posterior)), and
@@ -106,6 +108,7 @@ class VariationalEM:
         lr_scheduler=None,
         sync=None,
         exact_every: int = 0,
+        exact_warmup: int = 0,
         baseline_decay: float = 0.8,
     ):
         if schedule not in SCHEDULES:
@@ -126,7 +129,7 @@ class VariationalEM:
         self.load_balance, self.usage_entropy = load_balance, usage_entropy
         self.clip_grad_norm, self.lr_scheduler = clip_grad_norm, lr_scheduler
         self.sync = sync  # moedpo.distributed.DataParallel: sums across processes (None: one process)
-        self.exact_every = exact_every
+        self.exact_every, self.exact_warmup = exact_every, exact_warmup
         self.baseline = SignalBaseline(baseline_decay)  # routed: the score-function term's baselines
         self.num_steps = 0
         self.metrics: dict[str, float] = {}
@@ -140,7 +143,8 @@ class VariationalEM:
         total = self._global_sum(sum(num_pairs(b) for b in batches))
         if total == 0:
             raise ValueError("the global batch has no pairs")
-        routed = self.schedule == "routed" and not (self.exact_every and self.num_steps % self.exact_every == 0)
+        exact = self.num_steps < self.exact_warmup or (self.exact_every and self.num_steps % self.exact_every == 0)
+        routed = self.schedule == "routed" and not exact
         e_steps: list = [None] * len(batches)
         records = []
         for update in range(self.m_steps):

@@ -59,10 +59,14 @@ def draw_from_guide(guide, *args, **kwargs) -> poutine.Trace:
     return trace
 
 
+def _latent_sites(trace) -> list[dict]:
+    sites = [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    return [s for s in sites if not s["is_observed"]]
+
+
 def latent_site(trace) -> dict:
     """The one latent sample site of a guide trace (routing needs exactly one: which expert runs)."""
-    sites = [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
-    sites = [s for s in sites if not s["is_observed"]]
+    sites = _latent_sites(trace)
     if len(sites) != 1:
         raise ValueError(
             f"routing by a guide needs one latent site, the expert index; found {[s['name'] for s in sites]}"
@@ -82,9 +86,14 @@ def guide_fit_loss(model, guide, post: Posterior, *args, max_plate_nesting: int 
     return negative_elbo + forward_kl(guide, post, *args, **kwargs), -negative_elbo.detach()
 
 
-def forward_kl(guide, post: Posterior, *args, **kwargs) -> torch.Tensor:
-    """KL(p || q) of the guide's q to the exact posterior p, summed over the batch (a graph to the guide)."""
-    site = latent_site(draw_from_guide(guide, *args, **kwargs))
+def forward_kl(guide, post: Posterior, *args, **kwargs) -> torch.Tensor | float:
+    """KL(p || q) of the guide's q to the exact posterior p, summed over the batch (a graph to the guide). Zero for
+    a guide that is not one categorical site of the model's latents (e.g. one that enumerates several): its
+    ELBO alone trains it."""
+    sites = _latent_sites(draw_from_guide(guide, *args, **kwargs))
+    if len(sites) != 1 or sites[0]["name"] not in post.marginals or not hasattr(sites[0]["fn"], "logits"):
+        return 0.0
+    site = sites[0]
     exact = post.marginals[site["name"]]
     log_q = torch.log_softmax(site["fn"].logits, -1).reshape(-1, exact.shape[-1])
     exact = exact.reshape(-1, exact.shape[-1]).to(log_q)

@@ -150,6 +150,9 @@ class Router(nn.Module):
             user_features = batch.get("user_features")
             if user_features is None:
                 raise ValueError("this run's user gate reads user_features: the new annotator's rows need them")
+            width = gate.net[0].in_features
+            if user_features.shape[-1] != width:
+                raise ValueError(f"user_features has {user_features.shape[-1]} numbers; this run's gate reads {width}")
             logits = logits + gate.net(user_features[:1].to(device).float())[0]
         return torch.log_softmax(logits, -1)
 
