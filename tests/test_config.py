@@ -52,3 +52,8 @@ def test_config_command_lists_every_key_with_a_meaning_and_reloads(tmp_path, cap
         assert "# " in line and "; " in line.split("# ", 1)[1], line
     (tmp_path / "c.yaml").write_text(text)
     assert load_config(tmp_path / "c.yaml") == config
+
+
+def test_a_misspelt_guide_name_says_what_is_accepted():
+    with pytest.raises(ConfigError, match="expected amortized, or your own guide as package.module:name"):
+        load_config(overrides=["em.guide=amortised"])

@@ -51,6 +51,8 @@ def test_users_world_shrink_writes_its_report(tmp_path):
     assert set(results["new_users"]["exact"]) == {1, 2, 4, 8, 16}
     win = results["win_rates"]["win_rate_vs_dpo"]
     assert win["low"] <= win["rate"] <= win["high"] and win["n"] == 24
+    assert "Smoke run" in (report / "users.md").read_text()
+    assert not (tmp_path / "uw" / "dpo" / "guide.safetensors").exists()  # K=1: no guide to train
 
 
 @pytest.mark.slow

@@ -256,6 +256,8 @@ def validate(config: Config) -> None:
     em = config.em
     if em.schedule == "routed" and not em.guide:
         raise ConfigError("em.schedule=routed draws each unit's expert from a guide: set em.guide=amortized")
+    if em.guide and em.guide != "amortized" and ":" not in em.guide:
+        raise ConfigError(f"em.guide={em.guide!r}: expected amortized, or your own guide as package.module:name")
     if em.guide and em.guide != "amortized" and em.schedule not in ("svi", "routed"):
         raise ConfigError(
             f"em.guide={em.guide!r}: a Pyro guide of your own is used by em.schedule=svi or routed (em and gumbel "
