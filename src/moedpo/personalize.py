@@ -89,7 +89,7 @@ def posteriors_from_examples(session, examples: list[dict], user: str) -> Person
     return Personalization(user, len(examples), prior, exact.tolist(), amortized)
 
 
-def _tokenized(session, rows: list, source: str) -> list[dict]:
+def tokenize_for_run(session, rows: list, source: str) -> list[dict]:
     """The run's own tokenization (TRL-exact, with its data.* options), as probes never cached with the run's."""
     d = session.config.data
     rows = [r if isinstance(r, PreferenceRow) else normalise_row(r, source, i) for i, r in enumerate(rows)]
@@ -133,7 +133,7 @@ def personalize(run_dir, pairs, user: str | None = None, save: bool = True) -> P
             raise ConfigError(f"--user {user!r}: no row of {source} has this user_id (it has {sorted(named)[:5]})")
         rows = [r for r in rows if r.user_id == user]
     try:
-        result = posteriors_from_examples(session, _tokenized(session, rows, source), user)
+        result = posteriors_from_examples(session, tokenize_for_run(session, rows, source), user)
     except (ValueError, RuntimeError) as err:  # the gate cannot read these rows (missing or mis-sized features)
         if isinstance(err, ConfigError):
             raise

@@ -27,12 +27,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from moedpo.config import Config, ConfigError, load_config, save_config
 from moedpo.progress import Progress
+from moedpo.runs import CHECKPOINT, find_checkpoint, load_checkpoint, save_checkpoint
+from moedpo.training import _lr_lambda
 
-CHECKPOINT = "sft-checkpoint"
+NO_GATE = torch.nn.Module()  # SFT checkpoints reuse the run directory's format, which has a gate slot
 SPECIAL = ["<pad>", "<s>", "</s>"]
 
 
@@ -79,16 +80,6 @@ def _loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return (nll * mask).sum() / count, accuracy
 
 
-def _schedule(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress}.get(kind, 1.0)
-
-    return factor
-
-
 def fine_tune(config: Config, tokenizer, model, output_dir: Path, resume: bool = False, desc: str = "sft") -> Path:
     """SFT ``model`` on ``config.data``'s prompts and preferred completions; writes a model folder to
     ``output_dir`` (and ``metrics.jsonl``); returns it."""
@@ -107,9 +98,15 @@ def fine_tune(config: Config, tokenizer, model, output_dir: Path, resume: bool =
     total = s.max_steps if s.max_steps > 0 else max(1, math.ceil(s.num_train_epochs * per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(s.lr_scheduler_type, s.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(s.lr_scheduler_type, s.warmup_steps, total))
     output_dir.mkdir(parents=True, exist_ok=True)
-    start = _load_checkpoint(output_dir, model, optimizer, scheduler) if resume else 0
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = 0
+    if resume:
+        checkpoint = find_checkpoint(output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no SFT checkpoint in {output_dir}")
+        start = load_checkpoint(checkpoint, trainable, NO_GATE, optimizer, scheduler)
     metrics_path = output_dir / "metrics.jsonl"
     if not resume and metrics_path.exists():
         metrics_path.unlink()
@@ -134,46 +131,14 @@ def fine_tune(config: Config, tokenizer, model, output_dir: Path, resume: bool =
                 f.write(json.dumps(record) + "\n")
         progress.update(step + 1, loss=float(loss), acc=float(accuracy))
         if s.save_steps and (step + 1) % s.save_steps == 0 and step + 1 < total:
-            _save_checkpoint(output_dir, step + 1, model, optimizer, scheduler)
+            save_checkpoint(output_dir, step + 1, trainable, {}, optimizer, scheduler)
     progress.close()
     if s.use_peft:
         model = model.merge_and_unload()
     model.eval().to("cpu").save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    shutil.rmtree(output_dir / CHECKPOINT, ignore_errors=True)
+    shutil.rmtree(output_dir / CHECKPOINT, ignore_errors=True)  # the model folder is the result
     return output_dir
-
-
-def _save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler) -> None:
-    tmp, final = output_dir / f"{CHECKPOINT}.tmp", output_dir / CHECKPOINT
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(state, tmp / "params.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-
-
-def _load_checkpoint(output_dir: Path, model, optimizer, scheduler) -> int:
-    path = output_dir / CHECKPOINT
-    if not (path / "state.json").exists():
-        raise FileNotFoundError(f"--resume: no SFT checkpoint in {output_dir}")
-    saved = load_file(path / "params.safetensors")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in saved:
-                param.copy_(saved[name].to(param))
-    states = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(states["optimizer"])
-    scheduler.load_state_dict(states["scheduler"])
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    return json.loads((path / "state.json").read_text())["step"]
 
 
 def sft(config: Config | str | Path | None = None, resume: bool = False) -> Path:

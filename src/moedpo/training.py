@@ -109,9 +109,8 @@ def _write_run_header(config: Config, run_dir: Path, tokenizer, base, data) -> N
     (run_dir / "users.json").write_text(json.dumps(data.user_ids))
     data.save(run_dir / DATA_FILE)  # eval, routing and generation need none of the original files
     if config.model.name_or_path == "scratch" and not (run_dir / "base").exists():
-        from moedpo.sft import scratch_reference
-
-        shutil.copytree(scratch_reference(config), run_dir / "base")  # the cache may be cleared: keep it with the run
+        # the cache may be cleared: keep the folder the base was loaded from with the run
+        shutil.copytree(base.config.name_or_path, run_dir / "base")
     if config.model.name_or_path == "builtin" and not (run_dir / "base").exists():
         # the built-in base is not on any hub: keep it with the run. Rebuilt (deterministic from the seed), since the
         # bank's adapters are already injected into ``base``

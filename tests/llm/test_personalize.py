@@ -42,9 +42,9 @@ def test_posteriors_of_a_new_annotator_match_a_hand_computation(users_run):
     result = personalize(run_dir, rows)
     assert result.user == user and result.num_pairs == 5  # the rows' own user_id names it
     session = RunSession(run_dir)
-    from moedpo.personalize import _tokenized  # the same tokenization as the command
+    from moedpo.personalize import tokenize_for_run  # the same tokenization as the command
 
-    examples = _tokenized(session, rows, "<rows>")
+    examples = tokenize_for_run(session, rows, "<rows>")
     fit = bank_margins(session.bank, examples, session.tokenizer.pad_token_id)
     gate = session.gate.net
     features = torch.tensor(rows[0]["user_features"]).unsqueeze(0)

@@ -40,6 +40,12 @@ def _completion(rng: random.Random, length: int = 6) -> tuple[str, int]:
     return " ".join(words), n_a - n_b
 
 
+def bt_label(rng: random.Random, first: str, second: str, margin: float) -> tuple[str, str]:
+    """(chosen, rejected) by a Bradley–Terry annotator: ``first`` wins with probability sigmoid(margin), the
+    annotator's reward of ``first`` minus that of ``second``."""
+    return (first, second) if rng.random() < 1 / (1 + math.exp(-margin)) else (second, first)
+
+
 def make_builtin_rows(
     annotators_per_type: int = 6,
     pairs_per_annotator: int = 32,
@@ -60,8 +66,7 @@ def make_builtin_rows(
                 (first, s1), (second, s2) = _completion(rng), _completion(rng)
                 while s1 == s2:
                     second, s2 = _completion(rng)
-                p_first = 1 / (1 + math.exp(-sign * scale * (s1 - s2)))
-                chosen, rejected = (first, second) if rng.random() < p_first else (second, first)
+                chosen, rejected = bt_label(rng, first, second, sign * scale * (s1 - s2))
                 rows.append(
                     {
                         "prompt": prompt,

@@ -18,10 +18,11 @@ the full experiment labels pairs sampled from a reference policy instead.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from functools import lru_cache
+
+from moedpo.data.builtin import bt_label
 
 OBJECTIVES = ("sentiment", "informativeness", "grammar")
 ASPECTS = [
@@ -122,8 +123,7 @@ def make_prompt(rng: random.Random) -> str:
 
 def label(rng: random.Random, first: str, second: str, objective: str, scale: float) -> tuple[str, str]:
     """(chosen, rejected) by a Bradley–Terry annotator who scores completions by ``objective``."""
-    margin = scale * (reward(first, objective) - reward(second, objective))
-    return (first, second) if rng.random() < 1 / (1 + math.exp(-margin)) else (second, first)
+    return bt_label(rng, first, second, scale * (reward(first, objective) - reward(second, objective)))
 
 
 def make_review_rows(

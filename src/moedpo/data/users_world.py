@@ -15,10 +15,9 @@ Each annotator has ``user_features``: a noisy code of its type (for user gates t
 
 from __future__ import annotations
 
-import math
 import random
 
-from moedpo.data.builtin import A_WORDS, B_WORDS, DOMAINS, NEUTRAL, PROMPT_VERBS
+from moedpo.data.builtin import A_WORDS, B_WORDS, DOMAINS, NEUTRAL, PROMPT_VERBS, bt_label
 
 GROUPS = (A_WORDS[:4], A_WORDS[4:], B_WORDS[:4], B_WORDS[4:])
 LIKES = {0: (0, 2), 1: (2, 0), 2: (1, 3), 3: (3, 1)}  # type -> (liked group, disliked group)
@@ -53,8 +52,7 @@ def _pairs(rng: random.Random, user: str, t: int, n: int, features, scale: float
         first, second = _completion(rng), _completion(rng)
         while true_reward(first, t, scale) == true_reward(second, t, scale):
             second = _completion(rng)
-        p_first = 1 / (1 + math.exp(-(true_reward(first, t, scale) - true_reward(second, t, scale))))
-        chosen, rejected = (first, second) if rng.random() < p_first else (second, first)
+        chosen, rejected = bt_label(rng, first, second, true_reward(first, t, scale) - true_reward(second, t, scale))
         rows.append(
             {
                 "prompt": prompt,

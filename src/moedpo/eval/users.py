@@ -18,11 +18,10 @@ import math
 
 import torch
 
-from moedpo.data.formats import normalise_row
-from moedpo.data.tokenize import prompt_input_ids, tokenize_rows
+from moedpo.data.tokenize import prompt_input_ids
 from moedpo.eval.evaluate import bank_margins
 from moedpo.losses import log_likelihood
-from moedpo.personalize import posteriors_from_examples
+from moedpo.personalize import posteriors_from_examples, tokenize_for_run
 
 
 def interval(scores: list[float]) -> dict:
@@ -69,8 +68,10 @@ def win_rates(mixture, single, users: dict[str, tuple], reward, prompts_per_user
             expert = int(mixture.route(prompt, user).argmax())
             s = seed + 1000 * u + j
             ours = reward(sample(mixture, prompt, expert, s), kind)
-            theirs = {"dpo": reward(sample(single, prompt, 0, s), kind), "reference": None}
-            theirs["reference"] = reward(sample(mixture, prompt, None, s), kind)
+            theirs = {
+                "dpo": reward(sample(single, prompt, 0, s), kind),
+                "reference": reward(sample(mixture, prompt, None, s), kind),
+            }
             rewards["mixture"].append(ours)
             for name, value in theirs.items():
                 rewards[name].append(value)
@@ -78,22 +79,6 @@ def win_rates(mixture, single, users: dict[str, tuple], reward, prompts_per_user
     out = {f"win_rate_vs_{name}": interval(values) for name, values in scores.items()}
     out["mean_reward"] = {name: sum(v) / len(v) for name, v in rewards.items()}
     return out
-
-
-def _examples(session, rows: list[dict], offset: int) -> list[dict]:
-    d = session.config.data
-    normal = [normalise_row(r, "<users world>", i) for i, r in enumerate(rows)]
-    examples = tokenize_rows(
-        normal,
-        session.tokenizer,
-        source="<users world>",
-        max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length,
-        truncation_mode=d.truncation_mode,
-    ).examples
-    for e in examples:
-        e["index"] = -offset - 1 - e["index"]  # probes: kept apart from the run's cached examples
-    return examples
 
 
 @torch.no_grad()
@@ -117,9 +102,9 @@ def new_user_accuracy(session, new_users: dict[str, tuple[list, list]], ks=(1, 2
     """Held-out accuracy of new annotators from their first k pairs: {"exact"|"amortized"|"prior": {k: acc}}."""
     beta, smoothing = session.config.em.beta, session.config.em.label_smoothing
     correct: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in ("exact", "amortized", "prior")}
-    for u, (user, (fit_rows, test_rows)) in enumerate(new_users.items()):
-        fit_examples = _examples(session, fit_rows, 10_000 * (2 * u + 1))
-        test_examples = _examples(session, test_rows, 10_000 * (2 * u + 2))
+    for user, (fit_rows, test_rows) in new_users.items():
+        fit_examples = tokenize_for_run(session, fit_rows, "<users world>")  # probes: never cached
+        test_examples = tokenize_for_run(session, test_rows, "<users world>")
         test = bank_margins(session.bank, test_examples, session.tokenizer.pad_token_id)
         loglik = log_likelihood(test["h"].double(), beta, smoothing)  # (N, K)
         for k in ks:

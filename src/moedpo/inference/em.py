@@ -61,7 +61,7 @@ from moedpo.inference.objectives import (
 )
 from moedpo.losses.anticollapse import load_balance_loss, usage_entropy_penalty
 from moedpo.losses.dpo import LOSS_TYPES, dpo_loss, log_likelihood
-from moedpo.models.bt import mixture_bt_model
+from moedpo.models.bt import first_pairs, mixture_bt_model
 from moedpo.models.gates import FixedGate
 
 SCHEDULES = ("em", "svi", "gumbel", "routed")
@@ -76,8 +76,7 @@ def unit_keys(batch, extra: dict, num_units: int) -> tuple[list | None, torch.Te
         users = batch.get("user") if isinstance(batch, dict) else getattr(batch, "user", None)
         if users is None:
             return None, counts
-        first = torch.zeros(num_units, dtype=torch.long).scatter_(0, local.flip(0), torch.arange(local.numel()).flip(0))
-        return [("user", int(users[i])) for i in first.tolist()], counts
+        return [("user", int(users[i])) for i in first_pairs(local, num_units).tolist()], counts
     index = batch.get("index") if isinstance(batch, dict) else None
     keys = None if index is None else [("pair", int(i)) for i in index.tolist()]
     return keys, torch.ones(num_units, dtype=torch.long)
@@ -216,10 +215,7 @@ class VariationalEM:
         h, g, beta, obs = args
         users = kwargs["user_index"]
         keep = torch.rand(h.shape[0], device=h.device) < torch.rand(g.shape[0], device=h.device)[users]
-        first = torch.zeros(g.shape[0], dtype=torch.long, device=h.device).scatter_(
-            0, users.flip(0), torch.arange(h.shape[0], device=h.device).flip(0)
-        )
-        keep[first] = True  # every annotator keeps a pair
+        keep[first_pairs(users, g.shape[0])] = True  # every annotator keeps a pair
         sub = {**kwargs, "user_index": users[keep], "guide_features": kwargs["guide_features"][keep]}
         sub_args = (h[keep], g, beta, obs[keep])
         post = posterior(self.model, *sub_args, max_plate_nesting=self.max_plate_nesting, **sub)
@@ -239,7 +235,8 @@ class VariationalEM:
         route = drawn[extra["user_index"].to(drawn.device)] if "user_index" in extra else drawn
         out = as_dict(self.experts.margins(batch, route=route))  # only the drawn experts run, with a graph
         h, leaves = margins_with_leaves(out)
-        h = h * torch.nn.functional.one_hot(route, h.shape[-1]).to(h)  # other experts' entries: zero, constant
+        routed = torch.nn.functional.one_hot(route, h.shape[-1]).to(h)
+        h = h * routed  # other experts' entries: zero, constant
         args = (h, gate_logits, self.beta, obs.to(h))
         keys, counts = unit_keys(batch, extra, drawn.numel())
         loss = routed_loss(self.model, trace, *args, baseline=self.baseline(keys, counts), **kwargs)
@@ -249,7 +246,7 @@ class VariationalEM:
         self.baseline.update(keys, counts, loss.signal)
         q = torch.softmax(latent_site(trace)["fn"].logits.detach().reshape(-1, h.shape[-1]), -1)
         record = routed_record(q, drawn, route, h.detach(), gate_logits, float(loss.elbo))
-        return record, EStep(None, q, torch.nn.functional.one_hot(route, h.shape[-1]).to(h), None)
+        return record, EStep(None, q, routed, None)
 
     def _guide_inputs(self, out: dict) -> dict:
         return {"guide_features": out["guide_features"]} if self.guide is not None and "guide_features" in out else {}

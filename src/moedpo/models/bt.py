@@ -53,6 +53,13 @@ def user_slots(user_index: torch.Tensor, num_users: int) -> tuple[torch.Tensor, 
     return slots, mask
 
 
+def first_pairs(user_index: torch.Tensor, num_users: int) -> torch.Tensor:
+    """The index of each user's first pair in the batch, (U,) (users without pairs get ``len(user_index)``)."""
+    positions = torch.arange(user_index.numel(), device=user_index.device)
+    empty = torch.full((num_users,), user_index.numel(), dtype=torch.long, device=user_index.device)
+    return empty.scatter_reduce(0, user_index, positions, reduce="amin")
+
+
 def user_bt_model(
     h, gate_logits, beta, obs=None, *, user_index, label_smoothing=0.0, subsample_size=None, subsample=None, **_
 ):
