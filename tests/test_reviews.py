@@ -10,8 +10,10 @@ from moedpo.data.reviews import ERRORS, _sentence, grammar, informativeness, mak
 def test_rewards_by_hand():
     assert sentiment(" The plot was wonderful.") > 0.5 and sentiment(" The plot was awful.") < -0.4
     assert sentiment(" The plot was long.") == 0.0
-    assert informativeness(" The plot was dull. The cast was great.") == 0.5
-    assert informativeness(" The plot, the cast, the score, the ending and the editing.") == 1.0  # capped
+    assert informativeness(" The plot was slow. The cast was long.") == 0.5  # 2 aspects / 4, nothing evaluative
+    assert informativeness(" The plot was dull. The cast was great.") == 0.0  # 2/4 - 0.5 * (2 evaluative / 2)
+    assert informativeness(" It was wonderful.") == -0.5  # 0/4 - 0.5 * 1/1
+    assert informativeness(" The plot, the cast, the score, the ending, the editing and the lighting.") == 1.0  # capped
     assert grammar(" The plot was dull.") == 1.0
     assert grammar(" The plot were dull.") == 0.0
     assert grammar(" The the plot was dull.") == 0.0

@@ -158,7 +158,21 @@ def _rows(config: Config, source: str):
             seed=config.train.seed,
         )
         return [normalise_row(r, source, i) for i, r in enumerate(raw)]
+    if source == "reviews":
+        from moedpo.data.reviews_world import annotated_rows
+
+        return [normalise_row(r, source, i) for i, r in enumerate(annotated_rows(config))]
     return load_preference_rows(source, config.data.split)
+
+
+def reference_rows(config: Config):
+    """Rows a reference policy is fine-tuned on (``moedpo sft``, ``scratch``): the data's own, except in the
+    reviews world, whose preference pairs are sampled from the reference (it learns from unlabelled reviews)."""
+    if config.data.source == "reviews":
+        from moedpo.data.reviews_world import pretraining_rows
+
+        return [normalise_row(r, "reviews", i) for i, r in enumerate(pretraining_rows(config))]
+    return _rows(config, config.data.source)
 
 
 def _check_consistent(rows: list, source: str) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``moedpo train``, ``moedpo eval``, ``moedpo generate``, ``moedpo personalize``, ``moedpo config``."""
+"""Command line: ``moedpo train``, ``sft``, ``eval``, ``report``, ``generate``, ``personalize``, ``config``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     p_eval = sub.add_parser("eval", help="held-out mixture and per-expert accuracy of a run")
     p_eval.add_argument("run_dir")
     p_eval.add_argument("--data", help="held-out preference file (default: the run's own held-out split)")
+    p_report = sub.add_parser("report", help="write RUN_DIR/report/: metrics, recovered types, rewards table, plots")
+    p_report.add_argument("run_dir")
+    p_report.add_argument("--num-prompts", type=int, help="held-out prompts for the rewards table (report.num_prompts)")
     p_config = sub.add_parser("config", help="print every config key with its value, type and meaning")
     p_config.add_argument("--config", help="YAML config file: print it resolved (defaults filled in)")
     p_config.add_argument("overrides", nargs="*", help="section.key=value")
@@ -58,6 +61,10 @@ def main(argv=None) -> int:
 
             folder = sft(load_config(args.config, args.overrides), resume=args.resume)
             print(f"model folder: {folder} (use it as model.name_or_path={folder})")
+        elif args.command == "report":
+            from moedpo.eval.report import report
+
+            print(f"report: {report(args.run_dir, num_prompts=args.num_prompts)}")
         elif args.command == "config":
             from moedpo.config import describe
 

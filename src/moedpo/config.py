@@ -24,15 +24,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # "builtin", "builtin:domain", a JSON/JSONL/CSV/Parquet file or a datasets name
+    source: str = "builtin"  # "builtin", "builtin:domain", "reviews", a JSON/JSONL/CSV/Parquet file or a datasets name
     split: str = "train"  # datasets split (hub names and folders)
     eval_source: str | None = None  # held-out file; default: eval_fraction of each annotator's pairs
     eval_fraction: float = 0.25  # share of each annotator's pairs held out (of all pairs without user_id)
     max_length: int | None = 256  # tokens of prompt + completion (TRL); longer prompts are dropped under keep_start
     max_prompt_length: int | None = None  # keep the last N prompt tokens (moedpo only; TRL 1.16 has none)
     truncation_mode: str = "keep_start"  # keep_start | keep_end (TRL)
-    annotators_per_type: int = 10  # builtin only
-    pairs_per_annotator: int = 40  # builtin only (30 train + 10 held-out pairs each with eval_fraction 0.25)
+    annotators_per_type: int = 10  # built-in worlds (builtin, reviews)
+    pairs_per_annotator: int = 40  # built-in worlds (30 train + 10 held-out pairs each with eval_fraction 0.25)
+    objectives: list | None = None  # reviews: the annotator types (default: sentiment, informativeness, grammar)
+    pretrain_reviews: int = 3000  # reviews: unlabelled reviews a scratch reference is pretrained on
 
 
 @dataclass
@@ -96,6 +98,7 @@ class TrainConfig:
     eval_every: int = 50  # held-out evaluation every N steps (0: only at the end)
     checkpoint_every: int = 25  # checkpoint for --resume every N steps (0: only at the end)
     logging_every: int = 1  # metrics.jsonl line every N steps
+    dpo_baseline: bool = False  # also train one DPO policy (K=1) on the same data, in RUN/dpo, for the report
 
 
 @dataclass
@@ -120,6 +123,14 @@ class SFTConfig:
 
 
 @dataclass
+class ReportConfig:
+    rewards: list | None = None  # reward functions for the report's table: reviews names or package.module:name
+    num_prompts: int = 500  # held-out prompts the table's generations are sampled for (0: no table)
+    max_new_tokens: int = 48  # tokens per sampled completion
+    seed: int = 0  # sampling seed: the same run gives the same table
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +139,7 @@ class Config:
     em: EMConfig = field(default_factory=EMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -245,6 +257,8 @@ def validate(config: Config) -> None:
         (config.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "an integer >= 1"),
         (config.sft.max_steps == -1 or config.sft.max_steps >= 1, "sft.max_steps", "an integer >= 1, or -1"),
         (config.sft.per_device_train_batch_size >= 1, "sft.per_device_train_batch_size", "an integer >= 1"),
+        (config.report.num_prompts >= 0, "report.num_prompts", "an integer >= 0"),
+        (config.data.pretrain_reviews >= 1, "data.pretrain_reviews", "an integer >= 1"),
         (config.sft.scratch_vocab_size >= 300, "sft.scratch_vocab_size", "an integer >= 300 (256 bytes + merges)"),
     ]
     for ok, key, expected in checks:
@@ -268,6 +282,12 @@ def validate(config: Config) -> None:
             f"em.guide=amortized fits the built-in models' one latent site z; em.model={em.model!r} is your own: "
             "pass your own guide as em.guide=package.module:name"
         )
+    if config.data.objectives is not None:
+        from moedpo.data.reviews import OBJECTIVES
+
+        unknown = [o for o in config.data.objectives if o not in OBJECTIVES]
+        if unknown or not config.data.objectives:
+            raise ConfigError(f"data.objectives={config.data.objectives!r}: expected a list of {OBJECTIVES}")
     for key in ("exact_every", "exact_warmup"):
         if getattr(em, key) < 0:
             raise ConfigError(f"em.{key}={getattr(em, key)!r}: expected an integer >= 0")

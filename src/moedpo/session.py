@@ -41,6 +41,15 @@ class RunSession:
         if reference.exists():  # the run's own examples need no reference pass
             self.bank.load_reference_state(load_file(reference))
 
+    @classmethod
+    def from_run(cls, run_dir: str | Path, run) -> RunSession:
+        """A session over a run still in memory (the end of training): nothing is rebuilt or reloaded."""
+        self = cls.__new__(cls)
+        self.run_dir, self.config, self.run = Path(run_dir), run.config, run
+        self.tokenizer, self.bank, self.gate = run.tokenizer, run.bank, run.gate
+        self.user_ids = list(run.data.user_ids)
+        return self
+
     def evaluate(self, data: str | None = None) -> dict:
         held_out = self.run.data.eval
         if data is None and not held_out:

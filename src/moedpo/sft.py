@@ -30,7 +30,7 @@ import torch
 
 from moedpo.config import Config, ConfigError, load_config, save_config
 from moedpo.progress import Progress
-from moedpo.runs import CHECKPOINT, find_checkpoint, load_checkpoint, save_checkpoint
+from moedpo.runs import CHECKPOINT, MetricsLogger, find_checkpoint, load_checkpoint, save_checkpoint
 from moedpo.training import _lr_lambda
 
 NO_GATE = torch.nn.Module()  # SFT checkpoints reuse the run directory's format, which has a gate slot
@@ -39,11 +39,11 @@ SPECIAL = ["<pad>", "<s>", "</s>"]
 
 def _sequences(config: Config, tokenizer) -> list[tuple[list[int], list[int]]]:
     """(ids, loss mask) of prompt + chosen for every row, tokenized as DPO training tokenizes them."""
-    from moedpo.builders import _check_consistent, _rows
+    from moedpo.builders import _check_consistent, reference_rows
     from moedpo.data.tokenize import tokenize_rows
 
     d = config.data
-    rows = _rows(config, d.source)
+    rows = reference_rows(config)
     _check_consistent(rows, d.source)
     options = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode)
     examples = tokenize_rows(rows, tokenizer, source=d.source, **options).examples
@@ -107,9 +107,9 @@ def fine_tune(config: Config, tokenizer, model, output_dir: Path, resume: bool =
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no SFT checkpoint in {output_dir}")
         start = load_checkpoint(checkpoint, trainable, NO_GATE, optimizer, scheduler)
-    metrics_path = output_dir / "metrics.jsonl"
-    if not resume and metrics_path.exists():
-        metrics_path.unlink()
+    if not resume:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    logger = MetricsLogger(output_dir, resume_step=start if resume else None)  # drops lines after the checkpoint
     progress = Progress(start, total, desc)
     pad = tokenizer.pad_token_id
     for step in range(start, total):
@@ -125,14 +125,14 @@ def fine_tune(config: Config, tokenizer, model, output_dir: Path, resume: bool =
         scheduler.step()
         loss, accuracy = loss.detach(), accuracy.detach()
         if (step + 1) % s.logging_steps == 0 or step + 1 == total:
-            record = {"step": step + 1, "loss": float(loss), "mean_token_accuracy": float(accuracy)}
+            record = {"loss": float(loss), "mean_token_accuracy": float(accuracy)}
             record.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) / per_epoch})
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            logger.log(step + 1, record)
         progress.update(step + 1, loss=float(loss), acc=float(accuracy))
         if s.save_steps and (step + 1) % s.save_steps == 0 and step + 1 < total:
             save_checkpoint(output_dir, step + 1, trainable, {}, optimizer, scheduler)
     progress.close()
+    logger.close()
     if s.use_peft:
         model = model.merge_and_unload()
     model.eval().to("cpu").save_pretrained(output_dir)
@@ -170,10 +170,10 @@ def cache_root() -> Path:
 
 
 def _texts(config: Config) -> list[str]:
-    from moedpo.builders import _rows
+    from moedpo.builders import reference_rows
 
     texts = []
-    for row in _rows(config, config.data.source):
+    for row in reference_rows(config):
         for part in (row.prompt, row.chosen, row.rejected):
             if isinstance(part, list):
                 texts += [m["content"] for m in part]

@@ -7,6 +7,7 @@ E-step -> M-step -> expert update -> optimizer -> schedule, in that order, in on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -179,6 +180,12 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         logger.close()
         save_checkpoint(run_dir, t.max_steps, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict())
         _save_artefacts(run, run_dir)
+        if t.dpo_baseline and config.experts.num_experts > 1:
+            _train_dpo_baseline(config, run_dir)
+        from moedpo.eval.report import report
+        from moedpo.session import RunSession
+
+        print(f"moedpo: report -> {report(run_dir, RunSession.from_run(run_dir, run))}", file=sys.stderr, flush=True)
     dp.barrier()
     dp.close()
     return run_dir
@@ -230,8 +237,6 @@ def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:
 
 
 def _save_artefacts(run: Run, run_dir: Path) -> None:
-    from moedpo.eval.report import write_report
-
     run.bank.save_experts(run_dir / "experts")
     if (run_dir / "base").exists():  # the built-in base: record where PEFT's auto classes find it
         for adapter in (run_dir / "experts").glob("expert_*/adapter_config.json"):
@@ -242,7 +247,20 @@ def _save_artefacts(run: Run, run_dir: Path) -> None:
     save_file(gate_state, run_dir / "gate.safetensors")
     if isinstance(run.guide, torch.nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in run.guide.state_dict().items()}, run_dir / GUIDE_FILE)
-    if run.data.eval:
-        metrics, details = evaluate(run, run.data.train, run.data.eval)
-        metrics.update({"data/num_truncated": run.data.num_truncated, "data/num_dropped": run.data.num_dropped})
-        write_report(run_dir / "report", metrics, details, run.data.eval, run_dir / "metrics.jsonl")
+
+
+def _train_dpo_baseline(config: Config, run_dir: Path) -> Path:
+    """``train.dpo_baseline``: one DPO policy (K=1, the same data, base, steps and beta) in ``RUN/dpo``, for the
+    report's comparison. A finished baseline is kept; a killed one resumes."""
+    baseline = dataclasses.replace(
+        config,
+        experts=dataclasses.replace(config.experts, num_experts=1, reference_adapters=None),
+        gate=dataclasses.replace(config.gate, type="fixed", user_features=False, encoder=None),
+        em=dataclasses.replace(config.em, schedule="em", guide=None, model=None),
+        train=dataclasses.replace(config.train, output_dir=str(run_dir / "dpo"), dpo_baseline=False, overwrite=True),
+        report=dataclasses.replace(config.report, num_prompts=0),
+    )
+    if (run_dir / "dpo" / "gate.safetensors").exists():
+        return run_dir / "dpo"
+    print("moedpo: train.dpo_baseline: one DPO policy (K=1) on the same data -> RUN/dpo", file=sys.stderr, flush=True)
+    return train(baseline, resume=find_checkpoint(run_dir / "dpo") is not None)

@@ -8,7 +8,8 @@ disagreement, a doubled word, an article before a bare adjective, a missing full
 Rewards of a completion, each roughly in [-1, 1] or [0, 1]:
 
 - :func:`sentiment` — VADER's compound polarity (the lexicon ships with ``vaderSentiment``, no download);
-- :func:`informativeness` — distinct content aspects mentioned (the plot, the cast, the score ...), over 4;
+- :func:`informativeness` — distinct content aspects mentioned (the plot, the cast ...), over 4, less a penalty
+  for evaluative words (an informative review describes; it pulls against sentiment);
 - :func:`grammar` — share of sentences with none of the error patterns (and ending in a full stop).
 
 Annotators of hidden types each prefer by one objective, with Bradley–Terry noise: P(a > b) =
@@ -34,12 +35,30 @@ NEGATIVE = ["dull", "awful", "horrible", "stupid", "boring", "weak", "terrible",
 NEUTRAL = ["long", "quiet", "unusual", "familiar", "simple", "slow"]
 OPENERS = ["I watched this film last week.", "We saw it at the cinema.", "This one came out last year.", "I rented it."]
 GENRES = ["drama", "comedy", "thriller", "western", "musical", "documentary", "romance", "mystery"]
-PROMPTS = ["Write a review of the {g}.", "Review this {g}:", "What did you think of the {g}?", "Your take on the {g}:"]
+PROMPTS = ["Write a review of {t}, a {g}.", "Review {t} (a {g}):", "What did you think of {t}?", "Your take on {t}:"]
+TITLE_WORDS = (
+    ["Silent", "Last", "Broken", "Golden", "Hidden", "Crimson", "Long", "Quiet", "Lost", "Northern", "Paper", "Iron"],
+    [
+        "Harbor",
+        "Summer",
+        "Road",
+        "Letter",
+        "Garden",
+        "River",
+        "Promise",
+        "Train",
+        "Winter",
+        "Mirror",
+        "Island",
+        "Crown",
+    ],
+)  # 144 titles x 8 genres x 4 templates: thousands of distinct prompts
 ERRORS = ("agreement", "doubled", "article", "stop")
 
 
-def _sentence(rng: random.Random, aspect: str | None, error: str | None) -> str:
-    mood = rng.choice([POSITIVE, NEGATIVE, NEUTRAL])
+def _sentence(rng: random.Random, aspect: str | None, error: str | None, warmth: float = 0.5) -> str:
+    """One sentence: on ``aspect`` (None: on the film as a whole), positive with probability ``warmth``."""
+    mood = rng.choices([POSITIVE, NEGATIVE, NEUTRAL], weights=[warmth, 0.3, 1 - warmth])[0]
     word = rng.choice(mood)
     if aspect is None:
         text = rng.choice([f"It was {word}.", f"Overall it felt {word}.", f"The film is {word}."])
@@ -60,12 +79,18 @@ def _sentence(rng: random.Random, aspect: str | None, error: str | None) -> str:
 
 
 def make_review(rng: random.Random, error_rate: float = 0.3) -> str:
-    """One review of 2-4 sentences (a completion, with a leading space as TRL's implicit style expects)."""
+    """One review of 2-4 sentences (a completion, with a leading space as TRL's implicit style expects).
+
+    Each review has a hidden enthusiasm e ~ U(0, 1), as real ones do: a fan gushes about the film as a whole
+    (mostly positive words, few aspects), a reporter goes through the aspects in plain words. The injected
+    grammar errors are independent of e.
+    """
+    e = rng.random()
     sentences = [rng.choice(OPENERS)] if rng.random() < 0.3 else []
     for _ in range(rng.randint(2, 4)):
-        aspect = rng.choice(ASPECTS) if rng.random() < 0.7 else None
+        aspect = rng.choice(ASPECTS) if rng.random() < 0.9 - 0.8 * e else None
         error = rng.choice(ERRORS) if rng.random() < error_rate else None
-        sentences.append(_sentence(rng, aspect, error))
+        sentences.append(_sentence(rng, aspect, error, warmth=0.1 + 0.8 * e))
     return " " + " ".join(sentences)
 
 
@@ -86,11 +111,19 @@ def sentiment(text: str) -> float:
 
 
 def informativeness(text: str) -> float:
-    """Distinct content aspects named, over 4, capped at 1."""
-    words = set(re.findall(r"[a-z]+", text.lower()))
-    return min(1.0, len(words & set(ASPECTS)) / 4)
+    """Distinct content aspects named (over 4, capped at 1), less 1/2 per evaluative word per sentence.
+
+    An informative review describes rather than gushes: "The pacing was slow. The cast was familiar." scores 0.5;
+    "The pacing was wonderful." 0.25 - 0.5. So informativeness and sentiment pull against each other on word
+    choice, and one policy for both kinds of reader pleases neither.
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    sentences = max(1, len([s for s in re.split(r"[.!?]+", text) if s.strip()]))
+    evaluative = sum(w in _EVALUATIVE for w in words)
+    return min(1.0, len(set(words) & set(ASPECTS)) / 4) - 0.5 * evaluative / sentences
 
 
+_EVALUATIVE = frozenset(POSITIVE + NEGATIVE)
 _BAD = [
     re.compile(r"\b(\w+) \1\b", re.IGNORECASE),  # a doubled word
     re.compile(r"\b(was|were|is|are|felt|feel) a\b|\bit were\b|\bfilm are\b|\bfeel\b", re.IGNORECASE),
@@ -118,7 +151,8 @@ def reward(text: str, objective: str) -> float:
 
 
 def make_prompt(rng: random.Random) -> str:
-    return rng.choice(PROMPTS).format(g=rng.choice(GENRES))
+    title = f"The {rng.choice(TITLE_WORDS[0])} {rng.choice(TITLE_WORDS[1])}"
+    return rng.choice(PROMPTS).format(t=title, g=rng.choice(GENRES))
 
 
 def label(rng: random.Random, first: str, second: str, objective: str, scale: float) -> tuple[str, str]:

@@ -1,10 +1,20 @@
-"""Evaluation report: ``report/eval.json`` (metrics, per-example expert log-probs and responsibilities) and,
-when matplotlib is installed, ``report/training.png`` (loss and accuracy curves from metrics.jsonl)."""
+"""A run's report, ``moedpo report RUN_DIR`` (also written at the end of training), in ``RUN/report/``:
+
+- ``report.md``: held-out metrics; recovered vs true annotator types (ARI, confusion matrix); the rewards table
+  (:mod:`moedpo.eval.rewards`, the paper's Table 1) with the DPO baseline of ``RUN/dpo`` where it exists;
+- ``eval.json`` (metrics, per-example expert log-probs and responsibilities), ``rewards.json``;
+- with matplotlib: ``training.png`` (loss and accuracy curves), ``types.png``, ``rewards.png``.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+import torch
+
+from moedpo.eval.metrics import adjusted_rand_index
 
 
 def write_report(report_dir: Path, metrics: dict, details: dict, examples: list[dict], metrics_path: Path) -> None:
@@ -25,12 +35,8 @@ def write_report(report_dir: Path, metrics: dict, details: dict, examples: list[
 
 
 def _plot(path: Path, metrics_path: Path, final: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     if not any(k.startswith("eval/") for r in rows for k in r):  # no periodic evaluation: draw the final one
@@ -97,3 +103,162 @@ def _ema(values, decay=0.9):
         current = decay * current + (1 - decay) * v
         out.append(current)
     return out
+
+
+def report(run_dir: str | Path, session=None, num_prompts: int | None = None) -> Path:
+    """Evaluate a finished run and write ``RUN/report/`` (see the module docstring); returns ``report.md``."""
+    from moedpo.eval.evaluate import evaluate
+    from moedpo.eval.rewards import resolve_rewards
+    from moedpo.session import RunSession
+
+    run_dir = Path(run_dir)
+    session = session if session is not None else RunSession(run_dir)
+    run, config, out = session.run, session.config, run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# moedpo report: {run_dir.name}", "", f"`{config.data.source}` on `{config.model.name_or_path}`; "
+             f"K={config.experts.num_experts} {config.experts.mode} experts, em.scope={config.em.scope}, "
+             f"{len(run.data.train)} training and {len(run.data.eval)} held-out pairs.", ""]  # fmt: skip
+    if run.data.eval:
+        metrics, details = evaluate(run, run.data.train, run.data.eval)
+        metrics.update({"data/num_truncated": run.data.num_truncated, "data/num_dropped": run.data.num_dropped})
+        write_report(out, metrics, details, run.data.eval, run_dir / "metrics.jsonl")
+        lines += ["## Held-out pairs", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float) and k.count("/") <= 3]
+        lines += ["", "![training curves](training.png)", ""]
+    lines += _types_section(run, out)
+    n = config.report.num_prompts if num_prompts is None else num_prompts
+    rewards = resolve_rewards(config) if n else {}
+    if rewards:
+        lines += _rewards_section(session, rewards, n, run_dir, out)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def recovered_types(run) -> tuple[list, list[int]] | None:
+    """(true type, recovered expert) per annotator (user scope) or per held-out pair; None without a group."""
+    from moedpo.eval.evaluate import evaluate, user_posteriors
+
+    if run.config.em.scope == "user":
+        ids, q = user_posteriors(run, run.data.train)
+        group = {e["user"]: e["group"] for e in run.data.train}
+        truth, found = [group[u] for u in ids.tolist()], q.argmax(-1).tolist()
+    elif run.data.eval:
+        _, details = evaluate(run, run.data.train, run.data.eval)
+        truth, found = [e["group"] for e in run.data.eval], details["weights"].argmax(-1).tolist()
+    else:
+        return None
+    return (truth, found) if truth and all(t is not None for t in truth) else None
+
+
+def _types_section(run, out: Path) -> list[str]:
+    pairs = recovered_types(run)
+    if pairs is None:
+        return []
+    truth, found = pairs
+    types, k = sorted(set(truth)), run.config.experts.num_experts
+    counts = [[sum(t == kind and f == j for t, f in zip(truth, found)) for j in range(k)] for kind in types]
+    codes = torch.tensor([types.index(t) for t in truth])
+    ari = adjusted_rand_index(codes, torch.tensor(found))
+    unit = "annotators" if run.config.em.scope == "user" else "held-out pairs"
+    lines = ["## Recovered vs true types", "", f"Adjusted Rand index **{ari:.3f}** over {len(truth)} {unit}.", ""]
+    lines += ["| true type | " + " | ".join(f"expert {j}" for j in range(k)) + " |", "|---" * (k + 1) + "|"]
+    lines += [f"| {kind} | " + " | ".join(str(c) for c in row) + " |" for kind, row in zip(types, counts)]
+    (out / "types.json").write_text(json.dumps({"ari": ari, "types": types, "counts": counts}))
+    if _heatmap(out / "types.png", counts, types, k, f"recovered types (ARI {ari:.2f})"):
+        lines += ["", "![confusion matrix](types.png)"]
+    return lines + [""]
+
+
+def _rewards_section(session, rewards: dict, n: int, run_dir: Path, out: Path) -> list[str]:
+    from moedpo.data.reviews_world import held_out_prompts
+    from moedpo.eval.rewards import checks, reward_table
+    from moedpo.session import RunSession
+
+    config = session.config
+    if config.data.source == "reviews":
+        prompts = held_out_prompts(n, config.report.seed)
+    else:
+        prompts = list(dict.fromkeys(e["prompt_text"] for e in session.run.data.eval))[:n]
+    if not prompts:
+        return []
+    dpo_dir = run_dir / "dpo"
+    dpo = RunSession(dpo_dir) if (dpo_dir / "gate.safetensors").exists() else None
+    print(f"moedpo report: sampling {len(prompts)} held-out prompts per policy", file=sys.stderr, flush=True)
+    table = reward_table(session, rewards, prompts, dpo, config.report.max_new_tokens, config.report.seed)
+    table["checks"] = checks(table)
+    (out / "rewards.json").write_text(json.dumps(table, indent=1))
+    names = list(rewards)
+    lines = ["## Rewards of sampled completions (mean ± SE)", "",
+             f"{len(prompts)} held-out prompts, one completion each per policy (temperature 1, seed "
+             f"{config.report.seed}, {config.report.max_new_tokens} new tokens at most). *mixture*: each column's "
+             "prompts are asked by annotators of that type and answered by an expert drawn from their posterior; "
+             "*sparse*: by their top expert (see `moedpo.eval.rewards`).", "",
+             "| policy | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    for policy, cells in table["rows"].items():
+        lines.append(
+            f"| {policy} | " + " | ".join(f"{cells[r]['mean']:.3f} ± {cells[r]['se']:.3f}" for r in names) + " |"
+        )
+    c = table["checks"]
+    lines += ["", f"Best expert per reward: {c['best_expert']} (each a different expert: "
+              f"{c['experts_best_on_different_rewards']})."]  # fmt: skip
+    if "mixture_beats_dpo" in c:
+        lines.append(
+            f"The mixture beats DPO by more than 2 SE (of the difference) on: {c['mixture_beats_dpo'] or 'none'}."
+        )
+    else:
+        lines.append("No DPO baseline (train.dpo_baseline=true trains one in RUN/dpo).")
+    if _bars(out / "rewards.png", table["rows"], names):
+        lines += ["", "![rewards](rewards.png)"]
+    lines += ["", "First samples:", ""] + [f"- {p}: `{t[0].strip()[:160]}`" for p, t in table["samples"].items()]
+    return lines + [""]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _heatmap(path: Path, counts, types, k, title) -> bool:
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * k, 1.2 + 0.6 * len(types)))
+    ax.imshow(counts, cmap="Blues")
+    for i, row in enumerate(counts):
+        for j, c in enumerate(row):
+            ax.text(j, i, str(c), ha="center", va="center", color="black" if c < max(map(max, counts)) / 2 else "w")
+    ax.set_xticks(range(k), [f"expert {j}" for j in range(k)])
+    ax.set_yticks(range(len(types)), types)
+    ax.set_xlabel("recovered (posterior argmax)")
+    ax.set_ylabel("true type")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _bars(path: Path, rows: dict, names: list[str]) -> bool:
+    plt = _pyplot()
+    if plt is None:
+        return False
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    policies = list(rows)
+    colours = plt.get_cmap("tab10")(np.arange(len(policies)))
+    for ax, r in zip(axes[0], names):
+        means = [rows[p][r]["mean"] for p in policies]
+        ax.bar(range(len(policies)), means, yerr=[2 * rows[p][r]["se"] for p in policies], color=colours, capsize=3)
+        ax.set_xticks(range(len(policies)), policies, rotation=40, ha="right", fontsize=8)
+        ax.set_title(f"{r} (mean, bars: ±2 SE)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

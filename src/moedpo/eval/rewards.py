@@ -1,0 +1,142 @@
+"""The report's table of rewards (the paper's Table 1): mean ± standard error of each reward function over
+completions sampled for held-out prompts, for the reference, a DPO policy, each expert, the mixture and sparse
+routing.
+
+Who is served by "the mixture"? In user scope each column's reward belongs to one kind of reader: where the
+annotators' type names a reward (the reviews world: ``group`` = ``sentiment`` ...), the column is scored on
+prompts asked by annotators of that type, in turn. The **mixture** answers each with an expert drawn from that
+annotator's posterior q(z_u); **sparse** routing answers with its top expert. Columns no annotator type names,
+and pair-scope runs, draw from the gate's weights for the prompt instead. Every policy samples the same prompt at
+the same seed (temperature 1), so a routed answer is the chosen expert's own sample and rows are comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from moedpo.config import Config, ConfigError
+from moedpo.eval.evaluate import user_posteriors
+from moedpo.eval.generation import sample_completions
+
+
+def resolve_rewards(config: Config) -> dict:
+    """name -> reward(text) -> float: ``report.rewards`` (reviews names or package.module:name), else the reviews
+    world's three for ``data.source: reviews``, else none."""
+    from moedpo.data import reviews
+
+    names = config.report.rewards
+    if names is None:
+        names = list(reviews.OBJECTIVES) if config.data.source == "reviews" else []
+    out = {}
+    for name in names:
+        if name in reviews.REWARDS:
+            out[name] = reviews.REWARDS[name]
+        elif ":" in name:
+            from moedpo.builders import import_object
+
+            out[name.rsplit(":", 1)[1]] = import_object(name, "report.rewards")
+        else:
+            raise ConfigError(
+                f"report.rewards: {name!r}: expected one of {list(reviews.REWARDS)} or package.module:name"
+            )
+    return out
+
+
+def mean_se(values: list[float]) -> dict:
+    """Mean, standard error of the mean (sample standard deviation / sqrt n) and n."""
+    n = len(values)
+    mean = sum(values) / n
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return {"mean": mean, "se": math.sqrt(variance / n), "n": n}
+
+
+@contextlib.contextmanager
+def policy(bank, k: int | None):
+    """The causal LM of expert ``k`` (None: the reference) of a LoRA or independent bank."""
+    bank.eval_mode()
+    if hasattr(bank, "experts"):
+        yield bank.reference_model if k is None else bank.experts[k]
+    elif hasattr(bank, "activate"):
+        if k is None:
+            with bank.model.disable_adapter():
+                yield bank.model
+        else:
+            bank.activate(k)
+            yield bank.model
+    else:
+        raise ConfigError("the rewards table samples from the experts: experts.mode=heads has no generate()")
+
+
+def routes(session, prompts: list, columns: list[str], seed: int) -> dict[str, dict[str, list[int]]]:
+    """column -> {"mixture": expert per prompt (drawn from the routing weights), "sparse": top expert per prompt}."""
+    run = session.run
+    generator = torch.Generator().manual_seed(seed)
+    by_type: dict[str, list[torch.Tensor]] = {}
+    if session.config.em.scope == "user":
+        ids, q = user_posteriors(run, run.data.train)
+        group = {e["user"]: e["group"] for e in run.data.train}
+        for u, weights in zip(ids.tolist(), q):
+            by_type.setdefault(group[u], []).append(weights)
+    prior = None
+    out = {}
+    for column in columns:
+        if column in by_type:
+            weights = torch.stack([by_type[column][i % len(by_type[column])] for i in range(len(prompts))])
+        else:
+            if prior is None:
+                prior = torch.stack([session.route(p) for p in prompts]) if session.config.gate.type != "user" else None
+            if prior is None:  # a user gate with no annotator of this type: its mean weights over annotators
+                _, q = user_posteriors(run, run.data.train)
+                prior = q.mean(0).expand(len(prompts), -1)
+            weights = prior
+        drawn = torch.multinomial(weights.double().clamp_min(0), 1, generator=generator).squeeze(-1)
+        out[column] = {"mixture": drawn.tolist(), "sparse": weights.argmax(-1).tolist()}
+    return out
+
+
+def reward_table(session, rewards: dict, prompts: list, dpo=None, max_new_tokens: int = 48, seed: int = 0) -> dict:
+    """{"rows": {policy: {reward: mean_se}}, "samples": {policy: first completions}} (see the module docstring)."""
+    tok = session.tokenizer
+    asked = [session.as_prompt(p) for p in prompts]
+    texts: dict[str, list[str]] = {}
+    with policy(session.bank, None) as model:
+        texts["reference"] = sample_completions(model, tok, asked, max_new_tokens, seed, desc="report: reference")
+    if dpo is not None:
+        with policy(dpo.bank, 0) as model:
+            texts["dpo"] = sample_completions(model, dpo.tokenizer, asked, max_new_tokens, seed, desc="report: dpo")
+    num_experts = session.config.experts.num_experts
+    for k in range(num_experts):
+        with policy(session.bank, k) as model:
+            texts[f"expert_{k}"] = sample_completions(
+                model, tok, asked, max_new_tokens, seed, desc=f"report: expert {k}"
+            )
+    scores = {name: {r: [fn(t) for t in ts] for r, fn in rewards.items()} for name, ts in texts.items()}
+    for how, chosen in (("mixture", "mixture"), ("sparse", "sparse")):
+        scores[how] = {}
+        for r, route in routes(session, prompts, list(rewards), seed).items():
+            scores[how][r] = [scores[f"expert_{k}"][r][i] for i, k in enumerate(route[chosen])]
+    order = ["reference", "dpo", "mixture", "sparse"] + [f"expert_{k}" for k in range(num_experts)]
+    rows = {n: {r: mean_se(v) for r, v in scores[n].items()} for n in order if n in scores}
+    return {"rows": rows, "samples": {n: ts[:3] for n, ts in texts.items()}, "num_prompts": len(prompts)}
+
+
+def checks(table: dict) -> dict:
+    """The acceptance checks of the multi-objective experiment, where they apply: rewards on which the mixture
+    beats DPO by more than 2 standard errors (of the difference), and each reward's best expert."""
+    rows = table["rows"]
+    out = {"best_expert": {}}
+    experts = [n for n in rows if n.startswith("expert_")]
+    for r in rows["reference"]:
+        out["best_expert"][r] = max(experts, key=lambda n: rows[n][r]["mean"])
+    if "dpo" in rows:
+        out["mixture_beats_dpo"] = [
+            r
+            for r in rows["reference"]
+            if rows["mixture"][r]["mean"] - rows["dpo"][r]["mean"]
+            > 2 * math.hypot(rows["mixture"][r]["se"], rows["dpo"][r]["se"])
+        ]
+    out["experts_best_on_different_rewards"] = len(set(out["best_expert"].values())) == len(out["best_expert"])
+    return out
