@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
             expert, text = generate(args.run_dir, args.prompt, args.user, args.expert, args.max_new_tokens)
             print(f"[expert {expert}] {text}")
-    except (ConfigError, PreferenceDataError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, PreferenceDataError, FileExistsError, FileNotFoundError) as err:  # one line, no traceback
         print(f"moedpo {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

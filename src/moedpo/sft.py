@@ -202,26 +202,14 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int):
     return fast
 
 
-def scratch_reference(config: Config) -> Path:
-    """The cached scratch reference for this data and these settings: built on first use (tokenizer, model, SFT)."""
+def _build_scratch(config: Config, texts: list[str], folder: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    s, texts = config.sft, _texts(config)
-    settings = {k: getattr(s, k) for k in ("scratch_vocab_size", "scratch_hidden_size", "scratch_num_layers")}
-    settings.update(
-        max_steps=s.max_steps,
-        num_train_epochs=s.num_train_epochs,
-        learning_rate=s.learning_rate,
-        batch=s.per_device_train_batch_size,
-        seed=config.train.seed,
-        max_length=config.data.max_length,
+    s = config.sft
+    print(
+        f"moedpo: no model given (scratch): BPE tokenizer on {len(texts)} texts, small Llama, SFT on the data",
+        file=sys.stderr,
     )
-    key = hashlib.sha256(json.dumps([texts, settings]).encode()).hexdigest()[:16]
-    folder = cache_root() / key
-    if (folder / "config.json").exists():
-        print(f"moedpo: scratch reference from the cache: {folder}", file=sys.stderr)
-        return folder
-    print(f"moedpo: no model given (scratch): tokenizer, small Llama and SFT on {len(texts)} texts", file=sys.stderr)
     torch.manual_seed(config.train.seed)
     tokenizer = train_bpe_tokenizer(texts, s.scratch_vocab_size)
     hidden = s.scratch_hidden_size
@@ -249,4 +237,25 @@ def scratch_reference(config: Config) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(folder)
+
+
+def scratch_reference(config: Config) -> Path:
+    """The cached scratch reference for this data and these settings: built on first use (tokenizer, model, SFT)."""
+    s, texts = config.sft, _texts(config)
+    settings = {k: getattr(s, k) for k in ("scratch_vocab_size", "scratch_hidden_size", "scratch_num_layers")}
+    settings.update(
+        max_steps=s.max_steps,
+        num_train_epochs=s.num_train_epochs,
+        learning_rate=s.learning_rate,
+        batch=s.per_device_train_batch_size,
+        seed=config.train.seed,
+        max_length=config.data.max_length,
+    )
+    key = hashlib.sha256(json.dumps([texts, settings]).encode()).hexdigest()[:16]
+    folder = cache_root() / key
+    if (folder / "config.json").exists():
+        print(f"moedpo: scratch reference from the cache: {folder}", file=sys.stderr)
+        return folder
+    with torch.random.fork_rng(devices=[]):  # building it must not change what the run draws after it
+        _build_scratch(config, texts, folder)
     return folder

@@ -131,6 +131,9 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     elif overrides:
         raise ValueError("pass overrides with a config path or None, or edit the Config object")
     t, dp = config.train, DataParallel()
+    from moedpo.eval.rewards import resolve_rewards
+
+    resolve_rewards(config)  # a misspelt report.rewards fails now, not after training
     _absolute_paths(config)  # the run directory must work from any working directory
     torch.manual_seed(t.seed)
     random.seed(t.seed)

@@ -53,6 +53,7 @@ def test_checks_need_more_than_two_standard_errors_of_the_difference():
     c = checks(table)
     assert c["mixture_beats_dpo"] == ["a"]
     assert c["best_expert"] == {"a": "expert_0", "b": "expert_1"} and c["experts_best_on_different_rewards"]
+    assert c["best_by_2se"] == {"a": True, "b": True}  # 0.5 and 0.5 ahead, SE of the difference 0.014
 
 
 def test_routes_serve_each_column_by_its_own_annotators_posteriors(monkeypatch):
@@ -96,6 +97,26 @@ def test_reviews_world_trains_compares_and_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEDPO_CACHE", str(tmp_path / "cache"))
     assert main(["report", str(run)]) == 0
     assert json.loads((run / "report" / "rewards.json").read_text()) == table  # same seed, same table
+    assert "posteriors of the 2 sentiment annotators" in table["routing"]["sentiment"]
+    assert "no annotator type" in table["routing"]["informativeness"]
+    # warm caches (reference and pairs) train exactly as cold ones did: building them leaves the random state alone
+    again = train(load_config(overrides=[*TINY, f"train.output_dir={tmp_path / 'again'}"]))
+    losses = lambda r: [json.loads(line)["loss"] for line in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(again) == losses(run)
+    assert main(["report", str(run), "--num-prompts", "0"]) == 0  # no table: no stale one either
+    assert (
+        not (run / "report" / "rewards.json").exists()
+        and "| mixture |" not in (run / "report" / "report.md").read_text()
+    )
+
+
+def test_report_errors_say_what_to_do(tmp_path, capsys):
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "config.yaml").write_text("train: {max_steps: 3}\n")
+    assert main(["report", str(tmp_path / "killed")]) == 2
+    assert "did not finish" in capsys.readouterr().err
+    assert main(["train", "report.rewards=[nonexistent]", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    assert "report.rewards" in capsys.readouterr().err and not (tmp_path / "run").exists()  # before any training
 
 
 def test_reviews_world_refuses_the_builtin_model(tmp_path, capsys):

@@ -22,6 +22,8 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+
 from moedpo.config import Config, ConfigError
 from moedpo.data import reviews
 
@@ -58,7 +60,13 @@ def _cache_path(config: Config, reference: str) -> Path:
 
 
 def annotated_rows(config: Config) -> list[dict]:
-    """The annotated pairs (cached; see the module docstring)."""
+    """The annotated pairs (cached; see the module docstring). The global random state is left as it was, so a
+    run draws the same initialisation whether the pairs came from the cache or not."""
+    with torch.random.fork_rng(devices=[]):
+        return _annotated_rows(config)
+
+
+def _annotated_rows(config: Config) -> list[dict]:
     from moedpo.builders import build_base
     from moedpo.eval.generation import sample_completions
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from moedpo.config import ConfigError
 from moedpo.eval.metrics import adjusted_rand_index
 
 
@@ -53,8 +54,9 @@ def _plot(path: Path, metrics_path: Path, final: dict) -> None:
         points = [(r["step"], r[key]) for r in rows if key in r]
         axes[1].plot(*zip(*points), marker="o", markersize=3, label=key.removeprefix("eval/"))
     axes[1].set_title("held-out pairs")
-    axes[1].set_ylim(0, 1.05)
-    axes[1].axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+    lowest = min([r[k] for r in rows for k in held_out if k in r] + [0.0])  # an ARI can be negative
+    axes[1].set_ylim(min(0.0, lowest - 0.05), 1.05)
+    axes[1].axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance (accuracy; ARI: 0)")
     _per_type(axes[3], final)
     usage = sorted(k for k in rows[-1] if k.startswith("em/expert_usage_"))
     for key in usage:
@@ -112,6 +114,13 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
     from moedpo.session import RunSession
 
     run_dir = Path(run_dir)
+    if num_prompts is not None and num_prompts < 0:
+        raise ConfigError(f"--num-prompts {num_prompts}: expected an integer >= 0 (0: no rewards table)")
+    if session is None and (run_dir / "config.yaml").exists() and not (run_dir / "gate.safetensors").exists():
+        raise FileNotFoundError(
+            f"{run_dir}: training did not finish (no gate.safetensors); continue it with "
+            f"`moedpo train --config {run_dir / 'config.yaml'} --resume`, then report"
+        )
     session = session if session is not None else RunSession(run_dir)
     run, config, out = session.run, session.config, run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +137,8 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
     lines += _types_section(run, out)
     n = config.report.num_prompts if num_prompts is None else num_prompts
     rewards = resolve_rewards(config) if n else {}
+    for stale in ("rewards.json", "rewards.png"):  # a report without a table keeps no old one
+        (out / stale).unlink(missing_ok=True)
     if rewards:
         lines += _rewards_section(session, rewards, n, run_dir, out)
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -190,9 +201,9 @@ def _rewards_section(session, rewards: dict, n: int, run_dir: Path, out: Path) -
     names = list(rewards)
     lines = ["## Rewards of sampled completions (mean ± SE)", "",
              f"{len(prompts)} held-out prompts, one completion each per policy (temperature 1, seed "
-             f"{config.report.seed}, {config.report.max_new_tokens} new tokens at most). *mixture*: each column's "
-             "prompts are asked by annotators of that type and answered by an expert drawn from their posterior; "
-             "*sparse*: by their top expert (see `moedpo.eval.rewards`).", "",
+             f"{config.report.seed}, {config.report.max_new_tokens} new tokens at most). *mixture*: an expert drawn "
+             "from the routing weights below, prompt by prompt; *sparse*: their top expert (`moedpo.eval.rewards`). "
+             "Routing: " + "; ".join(f"{r}: {how}" for r, how in table["routing"].items()) + ".", "",
              "| policy | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
     for policy, cells in table["rows"].items():
         lines.append(
@@ -200,7 +211,8 @@ def _rewards_section(session, rewards: dict, n: int, run_dir: Path, out: Path) -
         )
     c = table["checks"]
     lines += ["", f"Best expert per reward: {c['best_expert']} (each a different expert: "
-              f"{c['experts_best_on_different_rewards']})."]  # fmt: skip
+              f"{c['experts_best_on_different_rewards']}; ahead of the runner-up by more than 2 SE: "
+              f"{c['best_by_2se']})."]  # fmt: skip
     if "mixture_beats_dpo" in c:
         lines.append(
             f"The mixture beats DPO by more than 2 SE (of the difference) on: {c['mixture_beats_dpo'] or 'none'}."

@@ -55,7 +55,8 @@ def mean_se(values: list[float]) -> dict:
 
 @contextlib.contextmanager
 def policy(bank, k: int | None):
-    """The causal LM of expert ``k`` (None: the reference) of a LoRA or independent bank."""
+    """The causal LM of expert ``k`` (None: the reference) of a LoRA, heads (its adapters on the top layers) or
+    independent bank."""
     bank.eval_mode()
     if hasattr(bank, "experts"):
         yield bank.reference_model if k is None else bank.experts[k]
@@ -67,11 +68,12 @@ def policy(bank, k: int | None):
             bank.activate(k)
             yield bank.model
     else:
-        raise ConfigError("the rewards table samples from the experts: experts.mode=heads has no generate()")
+        raise ConfigError(f"the rewards table samples from the experts: {type(bank).__name__} cannot generate")
 
 
-def routes(session, prompts: list, columns: list[str], seed: int) -> dict[str, dict[str, list[int]]]:
-    """column -> {"mixture": expert per prompt (drawn from the routing weights), "sparse": top expert per prompt}."""
+def routes(session, prompts: list, columns: list[str], seed: int) -> dict[str, dict]:
+    """column -> {"mixture": expert per prompt (drawn from the routing weights), "sparse": top expert per prompt,
+    "how": the routing weights, in words}. Prompts go to a type's training annotators in turn (i mod n)."""
     run = session.run
     generator = torch.Generator().manual_seed(seed)
     by_type: dict[str, list[torch.Tensor]] = {}
@@ -85,6 +87,7 @@ def routes(session, prompts: list, columns: list[str], seed: int) -> dict[str, d
     for column in columns:
         if column in by_type:
             weights = torch.stack([by_type[column][i % len(by_type[column])] for i in range(len(prompts))])
+            how = f"posteriors of the {len(by_type[column])} {column} annotators, in turn"
         else:
             if prior is None:
                 prior = torch.stack([session.route(p) for p in prompts]) if session.config.gate.type != "user" else None
@@ -92,8 +95,11 @@ def routes(session, prompts: list, columns: list[str], seed: int) -> dict[str, d
                 _, q = user_posteriors(run, run.data.train)
                 prior = q.mean(0).expand(len(prompts), -1)
             weights = prior
+            how = "no annotator type of this name: the gate's weights" + (
+                " (mean posterior over annotators)" if session.config.gate.type == "user" else " for the prompt"
+            )
         drawn = torch.multinomial(weights.double().clamp_min(0), 1, generator=generator).squeeze(-1)
-        out[column] = {"mixture": drawn.tolist(), "sparse": weights.argmax(-1).tolist()}
+        out[column] = {"mixture": drawn.tolist(), "sparse": weights.argmax(-1).tolist(), "how": how}
     return out
 
 
@@ -114,13 +120,17 @@ def reward_table(session, rewards: dict, prompts: list, dpo=None, max_new_tokens
                 model, tok, asked, max_new_tokens, seed, desc=f"report: expert {k}"
             )
     scores = {name: {r: [fn(t) for t in ts] for r, fn in rewards.items()} for name, ts in texts.items()}
-    for how, chosen in (("mixture", "mixture"), ("sparse", "sparse")):
-        scores[how] = {}
-        for r, route in routes(session, prompts, list(rewards), seed).items():
-            scores[how][r] = [scores[f"expert_{k}"][r][i] for i, k in enumerate(route[chosen])]
+    routing = routes(session, prompts, list(rewards), seed)
+    for how in ("mixture", "sparse"):
+        scores[how] = {r: [scores[f"expert_{k}"][r][i] for i, k in enumerate(routing[r][how])] for r in rewards}
     order = ["reference", "dpo", "mixture", "sparse"] + [f"expert_{k}" for k in range(num_experts)]
     rows = {n: {r: mean_se(v) for r, v in scores[n].items()} for n in order if n in scores}
-    return {"rows": rows, "samples": {n: ts[:3] for n, ts in texts.items()}, "num_prompts": len(prompts)}
+    return {
+        "rows": rows,
+        "routing": {r: route["how"] for r, route in routing.items()},
+        "samples": {n: ts[:3] for n, ts in texts.items()},
+        "num_prompts": len(prompts),
+    }
 
 
 def checks(table: dict) -> dict:
@@ -129,8 +139,13 @@ def checks(table: dict) -> dict:
     rows = table["rows"]
     out = {"best_expert": {}}
     experts = [n for n in rows if n.startswith("expert_")]
+    out["best_by_2se"] = {}
     for r in rows["reference"]:
-        out["best_expert"][r] = max(experts, key=lambda n: rows[n][r]["mean"])
+        ranked = sorted(experts, key=lambda n: -rows[n][r]["mean"])
+        out["best_expert"][r] = ranked[0]
+        if len(ranked) > 1:
+            a, b = rows[ranked[0]][r], rows[ranked[1]][r]
+            out["best_by_2se"][r] = a["mean"] - b["mean"] > 2 * math.hypot(a["se"], b["se"])
     if "dpo" in rows:
         out["mixture_beats_dpo"] = [
             r
