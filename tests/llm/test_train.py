@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from moedpo.cli import main
 from moedpo.config import ConfigError, load_config
-from moedpo.runs import read_metrics
+from moedpo.runs import find_checkpoint, read_metrics
 from moedpo.training import train
 
 SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=12"]
@@ -96,15 +96,22 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     command = [sys.executable, "-m", "moedpo.cli", "train", f"train.output_dir={killed}", *SMALL, *steps]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "state.json"
+
+    def last_step() -> int:  # the kill may land while checkpoint/ is being swapped: ask as --resume does
+        found = find_checkpoint(killed)
+        try:
+            return json.loads((found / "state.json").read_text())["step"] if found is not None else 0
+        except (FileNotFoundError, json.JSONDecodeError):  # swapped away between the lookup and the read
+            return 0
+
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if state.exists() and json.loads(state.read_text())["step"] >= 9:
+        if last_step() >= 9:
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    stopped = json.loads(state.read_text())["step"]
+    stopped = last_step()
     assert 9 <= stopped < 30, f"the run was not killed mid-way (checkpoint at step {stopped})"
     resumed = train(load_config(overrides=[f"train.output_dir={killed}", *SMALL, *steps]), resume=True)
     expected, got = (
