@@ -26,6 +26,11 @@ class RunSession:
         self.run_dir = Path(run_dir)
         if not (self.run_dir / "config.yaml").exists():
             raise FileNotFoundError(f"{self.run_dir}: not a moedpo run directory (no config.yaml)")
+        if not (self.run_dir / "gate.safetensors").exists():
+            raise FileNotFoundError(
+                f"{self.run_dir}: training did not finish (no gate.safetensors); continue it with "
+                f"`moedpo train --config {self.run_dir / 'config.yaml'} --resume`"
+            )
         self.config = load_config(self.run_dir / "config.yaml")
         self.run = build_run(self.config, resolve_device(self.config.train.device), saved=self.run_dir)
         self.tokenizer, self.bank, self.gate = self.run.tokenizer, self.run.bank, self.run.gate

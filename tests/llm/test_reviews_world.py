@@ -113,8 +113,9 @@ def test_reviews_world_trains_compares_and_reports(tmp_path, monkeypatch):
 def test_report_errors_say_what_to_do(tmp_path, capsys):
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed" / "config.yaml").write_text("train: {max_steps: 3}\n")
-    assert main(["report", str(tmp_path / "killed")]) == 2
-    assert "did not finish" in capsys.readouterr().err
+    for verb in (["report"], ["eval"], ["generate", "--prompt", "hi"]):
+        assert main([verb[0], str(tmp_path / "killed"), *verb[1:]]) == 2
+        assert "did not finish" in capsys.readouterr().err
     assert main(["train", "report.rewards=[nonexistent]", f"train.output_dir={tmp_path / 'run'}"]) == 2
     assert "report.rewards" in capsys.readouterr().err and not (tmp_path / "run").exists()  # before any training
 

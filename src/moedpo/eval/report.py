@@ -116,11 +116,6 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
     run_dir = Path(run_dir)
     if num_prompts is not None and num_prompts < 0:
         raise ConfigError(f"--num-prompts {num_prompts}: expected an integer >= 0 (0: no rewards table)")
-    if session is None and (run_dir / "config.yaml").exists() and not (run_dir / "gate.safetensors").exists():
-        raise FileNotFoundError(
-            f"{run_dir}: training did not finish (no gate.safetensors); continue it with "
-            f"`moedpo train --config {run_dir / 'config.yaml'} --resume`, then report"
-        )
     session = session if session is not None else RunSession(run_dir)
     run, config, out = session.run, session.config, run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
