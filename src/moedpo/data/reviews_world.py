@@ -75,11 +75,15 @@ def _annotated_rows(config: Config) -> list[dict]:
             "data.source=reviews needs a model that writes English, and the builtin one knows ~60 words: set "
             "model.name_or_path=scratch (pretrained here from the world's reviews), a local folder or a hub name"
         )
-    tokenizer, model = build_base(config)
-    reference = str(model.config.name_or_path)
+    reference = config.model.name_or_path
+    if reference == "scratch":
+        from moedpo.sft import scratch_reference
+
+        reference = str(scratch_reference(config))  # the cached folder (built here on first use)
     path = _cache_path(config, reference)
-    if path.exists():
+    if path.exists():  # every later run: no model load at all
         return [json.loads(line) for line in path.read_text().splitlines()]
+    tokenizer, model = build_base(config)
     types, d = objectives(config), config.data
     n = len(types) * d.annotators_per_type * d.pairs_per_annotator
     print(f"moedpo: annotating {n} pairs sampled from the reference ({', '.join(types)})", file=sys.stderr)

@@ -18,8 +18,9 @@ import math
 
 import torch
 
-from moedpo.data.tokenize import prompt_input_ids
 from moedpo.eval.evaluate import bank_margins
+from moedpo.eval.generation import sample_completions
+from moedpo.eval.rewards import policy
 from moedpo.losses import log_likelihood
 from moedpo.personalize import posteriors_from_examples, tokenize_for_run
 
@@ -34,28 +35,10 @@ def interval(scores: list[float]) -> dict:
     return {"rate": rate, "low": centre - half, "high": centre + half, "n": n}
 
 
-@torch.no_grad()
 def sample(session, prompt: str, expert: int | None, seed: int, max_new_tokens: int = 8) -> str:
     """One completion sampled at temperature 1 (``expert`` None: the reference, adapters off)."""
-    bank = session.bank
-    bank.eval_mode()
-    ids = torch.tensor([prompt_input_ids(session.tokenizer, session.as_prompt(prompt))], device=bank.device)
-    torch.manual_seed(seed)
-    kwargs = dict(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        top_k=0,
-        pad_token_id=session.tokenizer.pad_token_id,
-    )
-    if expert is None:
-        with bank.model.disable_adapter():
-            out = bank.model.generate(**kwargs)
-    else:
-        bank.activate(expert)
-        out = bank.model.generate(**kwargs)
-    return session.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    with policy(session.bank, expert) as model:
+        return sample_completions(model, session.tokenizer, [session.as_prompt(prompt)], max_new_tokens, seed)[0]
 
 
 def win_rates(mixture, single, users: dict[str, tuple], reward, prompts_per_user: int = 8, seed: int = 0) -> dict:
