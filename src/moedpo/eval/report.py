@@ -109,7 +109,7 @@ def _ema(values, decay=0.9):
 
 def report(run_dir: str | Path, session=None, num_prompts: int | None = None) -> Path:
     """Evaluate a finished run and write ``RUN/report/`` (see the module docstring); returns ``report.md``."""
-    from moedpo.eval.evaluate import evaluate
+    from moedpo.eval.evaluate import evaluate, user_posteriors
     from moedpo.eval.rewards import resolve_rewards
     from moedpo.session import RunSession
 
@@ -129,23 +129,26 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         lines += ["## Held-out pairs", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float) and k.count("/") <= 3]
         lines += ["", "![training curves](training.png)", ""]
-    lines += _types_section(run, out)
+    # the training annotators' posteriors (K expert passes over every training pair): once, for both sections
+    posteriors = user_posteriors(run, run.data.train) if config.em.scope == "user" else None
+    lines += _types_section(run, out, posteriors)
     n = config.report.num_prompts if num_prompts is None else num_prompts
     rewards = resolve_rewards(config) if n else {}
     for stale in ("rewards.json", "rewards.png"):  # a report without a table keeps no old one
         (out / stale).unlink(missing_ok=True)
     if rewards:
-        lines += _rewards_section(session, rewards, n, run_dir, out)
+        lines += _rewards_section(session, rewards, n, run_dir, out, posteriors)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
 
 
-def recovered_types(run) -> tuple[list, list[int]] | None:
-    """(true type, recovered expert) per annotator (user scope) or per held-out pair; None without a group."""
+def recovered_types(run, posteriors=None) -> tuple[list, list[int]] | None:
+    """(true type, recovered expert) per annotator (user scope) or per held-out pair; None without a group.
+    ``posteriors``: the training annotators' ``user_posteriors``, when the caller has them already."""
     from moedpo.eval.evaluate import evaluate, user_posteriors
 
     if run.config.em.scope == "user":
-        ids, q = user_posteriors(run, run.data.train)
+        ids, q = posteriors if posteriors is not None else user_posteriors(run, run.data.train)
         group = {e["user"]: e["group"] for e in run.data.train}
         truth, found = [group[u] for u in ids.tolist()], q.argmax(-1).tolist()
     elif run.data.eval:
@@ -156,8 +159,8 @@ def recovered_types(run) -> tuple[list, list[int]] | None:
     return (truth, found) if truth and all(t is not None for t in truth) else None
 
 
-def _types_section(run, out: Path) -> list[str]:
-    pairs = recovered_types(run)
+def _types_section(run, out: Path, posteriors) -> list[str]:
+    pairs = recovered_types(run, posteriors)
     if pairs is None:
         return []
     truth, found = pairs
@@ -175,7 +178,7 @@ def _types_section(run, out: Path) -> list[str]:
     return lines + [""]
 
 
-def _rewards_section(session, rewards: dict, n: int, run_dir: Path, out: Path) -> list[str]:
+def _rewards_section(session, rewards: dict, n: int, run_dir: Path, out: Path, posteriors) -> list[str]:
     from moedpo.data.reviews_world import held_out_prompts
     from moedpo.eval.rewards import checks, reward_table
     from moedpo.session import RunSession
@@ -190,7 +193,7 @@ def _rewards_section(session, rewards: dict, n: int, run_dir: Path, out: Path) -
     dpo_dir = run_dir / "dpo"
     dpo = RunSession(dpo_dir) if (dpo_dir / "gate.safetensors").exists() else None
     print(f"moedpo report: sampling {len(prompts)} held-out prompts per policy", file=sys.stderr, flush=True)
-    table = reward_table(session, rewards, prompts, dpo, config.report.max_new_tokens, config.report.seed)
+    table = reward_table(session, rewards, prompts, dpo, config.report.max_new_tokens, config.report.seed, posteriors)
     table["checks"] = checks(table)
     (out / "rewards.json").write_text(json.dumps(table, indent=1))
     names = list(rewards)

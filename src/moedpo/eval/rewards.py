@@ -71,16 +71,19 @@ def policy(bank, k: int | None):
         raise ConfigError(f"the rewards table samples from the experts: {type(bank).__name__} cannot generate")
 
 
-def routes(session, prompts: list, columns: list[str], seed: int) -> dict[str, dict]:
+def routes(session, prompts: list, columns: list[str], seed: int, posteriors=None) -> dict[str, dict]:
     """column -> {"mixture": expert per prompt (drawn from the routing weights), "sparse": top expert per prompt,
-    "how": the routing weights, in words}. Prompts go to a type's training annotators in turn (i mod n)."""
-    run = session.run
+    "how": the routing weights, in words}. Prompts go to a type's training annotators in turn (i mod n).
+    ``posteriors``: the training annotators' ``user_posteriors``, when the caller has them already."""
+    run, config = session.run, session.config
+    user_gate = config.gate.type == "user"
+    if posteriors is None and (config.em.scope == "user" or user_gate):
+        posteriors = user_posteriors(run, run.data.train)
     generator = torch.Generator().manual_seed(seed)
     by_type: dict[str, list[torch.Tensor]] = {}
-    if session.config.em.scope == "user":
-        ids, q = user_posteriors(run, run.data.train)
+    if config.em.scope == "user":
         group = {e["user"]: e["group"] for e in run.data.train}
-        for u, weights in zip(ids.tolist(), q):
+        for u, weights in zip(posteriors[0].tolist(), posteriors[1]):
             by_type.setdefault(group[u], []).append(weights)
     prior = None
     out = {}
@@ -89,21 +92,24 @@ def routes(session, prompts: list, columns: list[str], seed: int) -> dict[str, d
             weights = torch.stack([by_type[column][i % len(by_type[column])] for i in range(len(prompts))])
             how = f"posteriors of the {len(by_type[column])} {column} annotators, in turn"
         else:
-            if prior is None:
-                prior = torch.stack([session.route(p) for p in prompts]) if session.config.gate.type != "user" else None
             if prior is None:  # a user gate with no annotator of this type: its mean weights over annotators
-                _, q = user_posteriors(run, run.data.train)
-                prior = q.mean(0).expand(len(prompts), -1)
+                prior = (
+                    posteriors[1].mean(0).expand(len(prompts), -1)
+                    if user_gate
+                    else torch.stack([session.route(p) for p in prompts])
+                )
             weights = prior
             how = "no annotator type of this name: the gate's weights" + (
-                " (mean posterior over annotators)" if session.config.gate.type == "user" else " for the prompt"
+                " (mean posterior over annotators)" if user_gate else " for the prompt"
             )
         drawn = torch.multinomial(weights.double().clamp_min(0), 1, generator=generator).squeeze(-1)
         out[column] = {"mixture": drawn.tolist(), "sparse": weights.argmax(-1).tolist(), "how": how}
     return out
 
 
-def reward_table(session, rewards: dict, prompts: list, dpo=None, max_new_tokens: int = 48, seed: int = 0) -> dict:
+def reward_table(
+    session, rewards: dict, prompts: list, dpo=None, max_new_tokens: int = 48, seed: int = 0, posteriors=None
+) -> dict:
     """{"rows": {policy: {reward: mean_se}}, "samples": {policy: first completions}} (see the module docstring)."""
     tok = session.tokenizer
     asked = [session.as_prompt(p) for p in prompts]
@@ -120,7 +126,7 @@ def reward_table(session, rewards: dict, prompts: list, dpo=None, max_new_tokens
                 model, tok, asked, max_new_tokens, seed, desc=f"report: expert {k}"
             )
     scores = {name: {r: [fn(t) for t in ts] for r, fn in rewards.items()} for name, ts in texts.items()}
-    routing = routes(session, prompts, list(rewards), seed)
+    routing = routes(session, prompts, list(rewards), seed, posteriors)
     for how in ("mixture", "sparse"):
         scores[how] = {r: [scores[f"expert_{k}"][r][i] for i, k in enumerate(routing[r][how])] for r in rewards}
     order = ["reference", "dpo", "mixture", "sparse"] + [f"expert_{k}" for k in range(num_experts)]
