@@ -65,10 +65,14 @@ def test_two_uneven_processes_match_one(tmp_path):
     expected = load_file(single / "checkpoint" / "params.safetensors")
     got = load_file(tmp_path / "two" / "checkpoint" / "params.safetensors")
     assert expected.keys() == got.keys()
-    worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    differences = torch.cat([(expected[k] - got[k]).abs().flatten() for k in expected])
+    worst, typical = differences.max().item(), differences.mean().item()
     moved = max((expected[k] - v).abs().max().item() for k, v in _initial(tmp_path, settings).items())
-    print(f"max parameter difference 1 vs 2 processes: {worst:.3g} (parameters moved by up to {moved:.3g})")
-    assert worst < 1e-5, f"max parameter difference {worst:.3g}"
+    print(f"parameter difference 1 vs 2 processes: max {worst:.3g}, mean {typical:.3g} (moved by up to {moved:.3g})")
+    # float32 sums in another order (one shard or two) differ by rounding, and AdamW divides each gradient entry by
+    # its own scale: an entry whose terms nearly cancel turns that rounding into up to ~1e-4 of movement (measured:
+    # 2.9e-5 on one entry, mean 1.7e-8). One shard weighted 1.2 instead of 1 gives max 7e-3, mean 5e-4.
+    assert worst < 1e-4 and typical < 1e-6, f"max parameter difference {worst:.3g}, mean {typical:.3g}"
     assert moved > 1e-3
     gate_one, gate_two = load_file(single / "gate.safetensors"), load_file(tmp_path / "two" / "gate.safetensors")
     assert torch.allclose(gate_one["net.logits"], gate_two["net.logits"], atol=1e-6)

@@ -19,6 +19,8 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from moedpo.experts.fused_head import fused_head_log_softmax, head_parts
+
 MAX_CHUNK_ELEMENTS = 2**25  # logits per chunk of the fused head: 128 MiB in float32
 
 
@@ -47,11 +49,15 @@ def _head_chunk(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def head_log_softmax(head, hidden: torch.Tensor, labels: torch.Tensor, max_elements: int = MAX_CHUNK_ELEMENTS):
     """log softmax(head(hidden))[labels] for M positions: (M, D), (M,) -> (M,) float32, chunk by chunk.
 
-    With grad enabled and more than one chunk, each chunk is checkpointed: its logits are recomputed in the
-    backward, never stored (a single chunk is within the memory budget and is kept).
+    With grad enabled and more than one chunk, each chunk's logits are recomputed in the backward, never stored
+    (a single chunk is within the memory budget and is kept). A linear or plain-LoRA head takes the fused path
+    (:mod:`moedpo.experts.fused_head`, a hand-written backward); any other head, checkpointed autograd.
     """
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     size = max(1, max_elements // vocab)
+    parts = head_parts(head)
+    if parts is not None:
+        return fused_head_log_softmax(parts, hidden, labels, size)
     adapters = getattr(head, "_active_adapter", None)  # a PEFT head: recompute with the adapter used now
     contexts = lambda: (contextlib.nullcontext(), _with_adapter(head, adapters))  # noqa: E731
     parts, chunked = [], hidden.shape[0] > size  # one chunk fits the budget: keep its logits, no recompute
