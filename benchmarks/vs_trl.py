@@ -6,8 +6,13 @@
 Batch: 8 pairs x (prompt + completion) random tokens (small: 32 + 96; llama-1b: 128 + 384). Baselines: TRL 1.16
 DPOTrainer, full fine-tune and LoRA r=16 on all linear layers (its reference forward every step). moedpo's banks
 run through ``VariationalEM``, LoRA r=16, reference log-probs cached (computed once per dataset). Prints
-seconds per step, ratios to both baselines and peak memory, then one JSON line; writes
-``benchmarks/results/vs_trl_<shape>_<device>.json``.
+seconds per step, ratios to both baselines, each row's matmul and attention FLOPs (forward and backward, counted
+by ``torch.utils.flop_counter``: the ratio a step would have at equal efficiency) and peak memory, then one JSON
+line; writes ``benchmarks/results/vs_trl_<shape>_<device>.json``. On CPU every row is timed in each of
+``--rounds`` rounds, round-robin, so that a slow spell of the machine hits every row; ratios are of medians over
+all timed steps ("best x FT": of fastest steps). With glibc's allocator as it comes (``--malloc default``), TRL's
+full fine-tune step varied from 1.0 to 2.1 s within one process on the 2-core CPU machine (see
+:func:`keep_freed_memory`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import copy
 import gc
 import json
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -72,23 +78,51 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(step, device: str, warmup: int, steps: int) -> tuple[float, float]:
-    """(seconds per step, peak GiB) after ``warmup`` steps."""
+def measure(step, device: str, warmup: int, steps: int) -> tuple[list[float], float]:
+    """(seconds of each step, peak GiB) after ``warmup`` steps."""
     for _ in range(warmup):
         step()
     sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
+        sync(device)
+        seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     return seconds, peak
 
 
-def trl_row(shape, device, dtype, lora: bool, args):
+def count_flops(step) -> float:
+    """Matmul and attention FLOPs of one step, forward and backward (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def keep_freed_memory() -> bool:
+    """glibc: keep freed buffers in the process instead of unmapping them, as jemalloc and tcmalloc do. With the
+    default, every buffer over 32 MiB (TRL's full-vocabulary logits) is mapped afresh and page-faulted each step:
+    measured, TRL's full fine-tune step 1.0-2.1 s with it, 0.6 s without; moedpo heads K=4 0.75-0.78 s either way."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        trim, mmap = (
+            libc.mallopt(-1, ctypes.c_int(2**30)),
+            libc.mallopt(-3, ctypes.c_int(2**30)),
+        )  # M_TRIM/M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+    return bool(trim and mmap)
+
+
+def trl_row(shape, device, dtype, lora: bool):
     import trl
     from datasets import Dataset
     from peft import LoraConfig
@@ -121,10 +155,10 @@ def trl_row(shape, device, dtype, lora: bool, args):
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
 
-    return measure(step, device, args.warmup, args.steps)
+    return step
 
 
-def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str, args):
+def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str):
     from moedpo.builders import reuse_graph_by_default
     from moedpo.experts import HeadsBank, LoRABank
     from moedpo.inference import VariationalEM
@@ -144,7 +178,7 @@ def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str, args):
     )  # routed: no exact steps, the steady state (with em.exact_every=10, one step in ten costs a dense em step)
     batch = random_batch(shape, device)
     bank.reference(batch)  # cached reference log-probs: computed once per dataset, as in training
-    return measure(lambda: loop.step(batch), device, args.warmup, args.steps)
+    return lambda: loop.step(batch)
 
 
 ROWS = [
@@ -162,40 +196,94 @@ ROWS = [
 ]
 
 
+def result(label: str, timings: dict, rows: list, flops: dict) -> dict:
+    """A row's median and fastest step over all rounds, with their ratios to both TRL baselines (timed in the same
+    process). The median is what a run sees; the fastest, what the machine can do when nothing interferes."""
+    seconds = sorted(t for times, _ in timings[label] for t in times)
+    median, best = statistics.median(seconds), seconds[0]
+    peak = max(p for _, p in timings[label])
+    out = {"s_per_step": median, "best_s_per_step": best, "peak_gib": peak, "steps_s": seconds}
+    for key, i in (("x_trl_full_ft", 0), ("x_trl_lora", 1)):
+        base = rows[i][0] if len(rows) > i and rows[i][1] == "trl" else None
+        base_times = [t for times, _ in timings.get(base, []) for t in times]
+        out[key] = median / statistics.median(base_times) if base_times else None
+        out[f"best_{key}"] = best / min(base_times) if base_times else None
+    out["gflop"] = flops[label] / 1e9
+    out["flops_x_trl_full_ft"] = flops[label] / flops[rows[0][0]] if rows[0][0] in flops else None
+    return out
+
+
+def report(label: str, timings: dict, rows: list, flops: dict) -> None:
+    row = result(label, timings, rows, flops)
+    cells = [f"{row['s_per_step']:>9.3f}", f"{row['best_s_per_step']:>9.3f}"]
+    for key, width in (("x_trl_full_ft", 10), ("x_trl_lora", 12), ("best_x_trl_full_ft", 10)):
+        cells.append(f"{row[key]:>{width}.2f}" if row[key] is not None else " " * width)
+    cells.append(f"{row['gflop']:>8.1f}{row['flops_x_trl_full_ft']:>10.2f}{row['peak_gib']:>10.1f}")
+    print(f"{label:<46}{''.join(cells)}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 3 CPU, 5 CUDA)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row and round (4 CPU, 5 CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="time every row this many times, round-robin (default: 3 on CPU; 1 on CUDA, one model at a time, "
+        "so that peak memory is the row's own)",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="CPU: keep: freed memory stays in the process (see keep_freed_memory); default: glibc as it comes",
+    )
     parser.add_argument("--only", nargs="*", help="moedpo rows to run (substring of the label); default all")
     parser.add_argument("--out", help="JSON file (default benchmarks/results/vs_trl_<shape>_<device>.json)")
     args = parser.parse_args()
-    args.steps = args.steps or (5 if args.device.startswith("cuda") else 3)
+    args.steps = args.steps or (5 if args.device.startswith("cuda") else 4)
+    args.rounds = args.rounds or (1 if args.device.startswith("cuda") else 3)
     warnings.filterwarnings("ignore")
     shape, device = SHAPES[args.shape], args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"shape={args.shape} {shape} pairs={PAIRS} device={name} dtype={dtype}", flush=True)
-    print(f"{'config':<42}{'s/step':>9}{'x TRL FT':>10}{'x TRL LoRA':>12}{'peak GiB':>10}", flush=True)
-    results = {}
-    for label, kind, lora, k, schedule in ROWS:
-        if args.only and not any(o in label for o in args.only) and kind != "trl":
-            continue
-        if kind == "trl":
-            seconds, peak = trl_row(shape, device, dtype, lora, args)
-        else:
-            seconds, peak = moedpo_row(shape, device, dtype, kind, k, schedule, args)
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        results[label] = {"s_per_step": seconds, "peak_gib": peak}
-        full, lora_base = results[ROWS[0][0]]["s_per_step"], results.get(ROWS[1][0], {}).get("s_per_step")
-        results[label]["x_trl_full_ft"] = seconds / full
-        results[label]["x_trl_lora"] = seconds / lora_base if lora_base else None
-        ratio_lora = f"{seconds / lora_base:>12.2f}" if lora_base else f"{'':>12}"
-        print(f"{label:<42}{seconds:>9.3f}{seconds / full:>10.2f}{ratio_lora}{peak:>10.1f}", flush=True)
-    summary = {"shape": args.shape, "device": name, "pairs": PAIRS, "rows": results}
+    kept = device == "cpu" and args.malloc == "keep" and keep_freed_memory()
+    allocator = "glibc, freed memory kept" if kept else "as it comes"
+    print(f"shape={args.shape} {shape} pairs={PAIRS} device={name} dtype={dtype} allocator: {allocator}", flush=True)
+    print(f"{args.rounds} round(s) x {args.steps} timed steps after {args.warmup} warm-up; s/step = median", flush=True)
+    header = f"{'s/step':>9}{'best':>9}{'x TRL FT':>10}{'x TRL LoRA':>12}{'best x FT':>10}{'GFLOP':>8}{'FLOP x FT':>10}"
+    header += f"{'peak GiB':>10}"
+    print(f"{'config':<46}{header}", flush=True)
+    rows = [r for r in ROWS if r[1] == "trl" or not args.only or any(o in r[0] for o in args.only)]
+    build = lambda kind, lora, k, schedule: (  # noqa: E731
+        trl_row(shape, device, dtype, lora) if kind == "trl" else moedpo_row(shape, device, dtype, kind, k, schedule)
+    )
+    timings: dict[str, list[tuple[list[float], float]]] = {}
+    flops: dict[str, float] = {}
+    if args.rounds == 1:  # one row's model at a time
+        for label, *spec in rows:
+            step = build(*spec)
+            timings[label] = [measure(step, device, args.warmup, args.steps)]
+            flops[label] = count_flops(step)
+            del step
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            report(label, timings, rows, flops)
+    else:  # every row alive, timed in turn each round: a slow spell of the machine hits all rows alike
+        steps = {label: build(*spec) for label, *spec in rows}
+        for _ in range(args.rounds):
+            for label in steps:
+                timings.setdefault(label, []).append(measure(steps[label], device, args.warmup, args.steps))
+        flops.update({label: count_flops(step) for label, step in steps.items()})
+        for label, *_ in rows:
+            report(label, timings, rows, flops)
+    results = {label: result(label, timings, rows, flops) for label, *_ in rows}
+    summary = {"shape": args.shape, "device": name, "allocator": allocator, "pairs": PAIRS, "rounds": args.rounds}
+    summary["rows"] = results
     default = Path(__file__).resolve().parent / "results" / f"vs_trl_{args.shape}_{device.split(':')[0]}.json"
     out = Path(args.out) if args.out else default
     out.parent.mkdir(exist_ok=True)

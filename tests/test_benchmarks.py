@@ -22,8 +22,13 @@ def test_step_cost_runs():
 
 
 def test_vs_trl_runs(tmp_path):
-    out = run("vs_trl.py", "--shape", "small", "--steps", "1", "--warmup", "0", "--only", "heads top_layers=2, K=1",
-              "heads top_layers=2, K=4, guide", "--out", str(tmp_path / "r.json"))  # fmt: skip
+    out = run("vs_trl.py", "--shape", "small", "--steps", "2", "--warmup", "0", "--rounds", "1", "--only",
+              "heads top_layers=2, K=1", "heads top_layers=2, K=4, guide", "--out", str(tmp_path / "r.json"))  # fmt: skip
     assert "TRL DPOTrainer, LoRA all linear" in out and "moedpo heads top_layers=2, K=1" in out
     assert "moedpo heads top_layers=2, K=4, guide-routed" in out
-    assert json.loads(out.strip().splitlines()[-1])["rows"]["moedpo heads top_layers=2, K=1"]["x_trl_full_ft"] > 0
+    rows = json.loads(out.strip().splitlines()[-1])["rows"]
+    heads = rows["moedpo heads top_layers=2, K=1"]
+    assert heads["x_trl_full_ft"] > 0 and len(heads["steps_s"]) == 2 and heads["best_s_per_step"] <= heads["s_per_step"]
+    # one expert on 2 of 4 layers, frozen trunk, head on completion positions only: well under TRL's FLOPs
+    assert rows["TRL DPOTrainer, full fine-tune"]["flops_x_trl_full_ft"] == 1.0
+    assert 0.2 < heads["flops_x_trl_full_ft"] < 0.5
