@@ -22,8 +22,9 @@ def test_step_cost_runs():
 
 
 def test_vs_trl_runs(tmp_path):
-    out = run("vs_trl.py", "--shape", "small", "--steps", "2", "--warmup", "0", "--rounds", "1", "--only",
-              "heads top_layers=2, K=1", "heads top_layers=2, K=4, guide", "--out", str(tmp_path / "r.json"))  # fmt: skip
+    rows = ["heads top_layers=2, K=1", "heads top_layers=2, K=4, guide"]
+    out = run("vs_trl.py", "--shape", "small", "--steps", "2", "--warmup", "0", "--rounds", "1", "--out",
+              str(tmp_path / "r.json"), "--only", *rows)  # fmt: skip
     assert "TRL DPOTrainer, LoRA all linear" in out and "moedpo heads top_layers=2, K=1" in out
     assert "moedpo heads top_layers=2, K=4, guide-routed" in out
     rows = json.loads(out.strip().splitlines()[-1])["rows"]

@@ -126,22 +126,30 @@ def test_disabled_and_merged_adapters_leave_the_base_projection():
         assert torch.allclose(fused_head_log_softmax(parts, hidden, labels, M), _autograd(head, hidden, labels))
 
 
-def test_autocast_dtype_runs_the_matmuls_in_half_precision_and_the_softmax_in_float32(monkeypatch):
-    """What CUDA autocast does, simulated on CPU: float32 weights and hidden states, bfloat16 matmuls. Values and
-    gradients stay within bfloat16's rounding of the float32 ones, and the gradients come back in float32."""
-    from moedpo.experts import fused_head
-
-    monkeypatch.setattr(fused_head, "_compute_dtype", lambda hidden: torch.bfloat16)
+def test_under_autocast_the_matmuls_run_in_half_precision_and_the_softmax_in_float32():
+    """CPU autocast to bfloat16 (CUDA's takes the same path): float32 weights and hidden states, bfloat16 matmuls.
+    Values and gradients match autograd through the head under the same autocast within bfloat16's rounding, and
+    the gradients come back in float32."""
     head = _lora_head(1)
     generator = torch.Generator().manual_seed(2)
     hidden, labels = torch.randn(M, D, generator=generator), torch.randint(V, (M,), generator=generator)
     weights = torch.randn(M, generator=generator)
     parts = head_parts(head)
-    got = _values_and_grads(lambda x: fused_head_log_softmax(parts, x, labels, 5), head, hidden, weights)
-    expected = _values_and_grads(lambda x: _autograd(head, x, labels), head, hidden, weights)
-    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+
+    def under_autocast(fn):
+        def run(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(x).float()
+
+        return run
+
+    fused = under_autocast(lambda x: fused_head_log_softmax(parts, x, labels, 5))
+    got = _values_and_grads(fused, head, hidden, weights)
+    expected = _values_and_grads(under_autocast(lambda x: _autograd(head, x, labels)), head, hidden, weights)
+    exact = _values_and_grads(lambda x: _autograd(head, x, labels), head, hidden, weights)
+    assert got[1].dtype == torch.float32
     assert torch.allclose(got[0], expected[0], rtol=2e-2, atol=5e-2)
-    assert not torch.allclose(got[0], expected[0], atol=1e-4)  # the matmuls did run in bfloat16
+    assert not torch.allclose(got[0], exact[0], atol=1e-4)  # the matmuls did run in bfloat16
     for name, grad in expected[2].items():
         assert got[2][name].dtype == torch.float32
         assert (got[2][name] - grad).abs().max() <= 3e-2 * grad.abs().max(), name

@@ -14,7 +14,7 @@ gradient in place, d logits = g (onehot(y) - softmax), then one matmul per opera
 Measured on the CPU benchmark's head (1,372 positions, vocabulary 8,192, LoRA r=16): forward and backward
 0.20 s -> 0.09 s. The path applies to a plain ``nn.Linear`` head and to a PEFT LoRA head (plain LoRA, any
 number of active adapters, dropout inactive); :func:`head_parts` returns None for anything else (DoRA, LoRA
-bias, dropout in training), and the caller keeps the autograd path. Under CUDA autocast the matmuls run in the
+bias, dropout in training), and the caller keeps the autograd path. Under autocast the matmuls run in the
 autocast dtype and the log-softmax in float32, as autocast would.
 """
 
@@ -65,8 +65,10 @@ def head_parts(head: nn.Module) -> HeadParts | None:
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The matmuls' dtype: autocast's when it is on for the device (the forward and backward then run with autocast
+    off and these explicit casts), else the hidden states'."""
     device = hidden.device.type
-    if device == "cuda" and torch.is_autocast_enabled(device):
+    if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return hidden.dtype
 
@@ -76,15 +78,20 @@ def _log_probs(h, weight, bias, loras, scales) -> torch.Tensor:
     logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
     for (a, b), scale in zip(loras, scales):
         logits.addmm_(h @ a.t(), b.t(), alpha=scale)
-    if logits.element_size() < 4:
+    if logits.element_size() < 4 or logits.device.type != "cpu":
         return torch.log_softmax(logits.float(), -1)
-    return torch.log_softmax(logits, -1, out=logits)  # in place: no second (C, V) buffer
+    return torch.log_softmax(logits, -1, out=logits)  # CPU: in place, no second (C, V) buffer to page-fault
 
 
 class _FusedHeadLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, labels, size, scales, weight, bias, *loras):
         dtype = _compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _FusedHeadLogSoftmax._forward(ctx, dtype, hidden, labels, size, scales, weight, bias, *loras)
+
+    @staticmethod
+    def _forward(ctx, dtype, hidden, labels, size, scales, weight, bias, *loras):
         cast = [t.to(dtype) if t is not None else None for t in (weight, bias, *loras)]
         pairs = tuple(zip(cast[2::2], cast[3::2]))
         picked, kept = [], None
@@ -99,6 +106,11 @@ class _FusedHeadLogSoftmax(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return _FusedHeadLogSoftmax._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         hidden, labels, weight, bias, *loras = ctx.saved_tensors
         dtype, scales = ctx.dtype, ctx.scales
         needs, log_dtype = ctx.needs_input_grad, torch.promote_types(dtype, torch.float32)
