@@ -232,8 +232,8 @@ def main():
         "--rounds",
         type=int,
         default=None,
-        help="time every row this many times, round-robin (default: 3 on CPU; 1 on CUDA, one model at a time, "
-        "so that peak memory is the row's own)",
+        help="time every row this many times, round-robin, all rows' models alive (default: 3 for small on CPU; "
+        "otherwise 1, one model at a time, so that peak memory is the row's own)",
     )
     parser.add_argument(
         "--malloc",
@@ -245,7 +245,7 @@ def main():
     parser.add_argument("--out", help="JSON file (default benchmarks/results/vs_trl_<shape>_<device>.json)")
     args = parser.parse_args()
     args.steps = args.steps or (5 if args.device.startswith("cuda") else 4)
-    args.rounds = args.rounds or (1 if args.device.startswith("cuda") else 3)
+    args.rounds = args.rounds or (3 if args.device == "cpu" and args.shape == "small" else 1)  # rounds: all alive
     warnings.filterwarnings("ignore")
     shape, device = SHAPES[args.shape], args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
