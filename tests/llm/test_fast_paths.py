@@ -26,10 +26,14 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("chunk", [lp.MAX_CHUNK_ELEMENTS, 3 * 70])  # one chunk, or chunks of 3 positions
+@pytest.mark.parametrize("chunk", [lp.MAX_CHUNK_ELEMENTS, 3], ids=["one-chunk", "3-positions"])
 def test_fused_head_matches_the_plain_forward(tokenizer, batch, monkeypatch, chunk):
-    monkeypatch.setattr(lp, "MAX_CHUNK_ELEMENTS", chunk)
     bank = LoRABank(tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id), 1, init_std=0.3)
+    vocab = bank.model.get_base_model().get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(lp, "MAX_CHUNK_ELEMENTS", chunk * vocab if chunk == 3 else chunk)
+    sizes = []
+    fused_head = lp.fused_head_log_softmax
+    monkeypatch.setattr(lp, "fused_head_log_softmax", lambda *a: sizes.append(a[3]) or fused_head(*a))
     values, grads = [], []
     for fused in (False, True):
         bank.model.zero_grad()
@@ -40,6 +44,7 @@ def test_fused_head_matches_the_plain_forward(tokenizer, batch, monkeypatch, chu
         values.append(logps.detach())
         grads.append(_grads(bank.model))
     assert torch.allclose(values[0], values[1], atol=1e-5)
+    assert sizes == [min(chunk, lp.MAX_CHUNK_ELEMENTS // vocab)]  # the patched budget reached the fused head
     assert grads[0].keys() == grads[1].keys() and any("lm_head" in n for n in grads[0])
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
@@ -52,6 +57,47 @@ class ScaledHead(LlamaForCausalLM):
         out = super().forward(*args, **kwargs)
         out.logits = 2 * out.logits
         return out
+
+
+def _tiny(config_class, **extra):
+    from transformers import AutoModelForCausalLM
+
+    sizes = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config_class(**sizes, num_key_value_heads=2, **extra))
+
+
+def test_logit_soft_capping_and_scaling_in_the_config_use_the_plain_path():
+    """Gemma 2 soft-caps (c tanh(logits / c)), Cohere scales: on a random model the probe alone would miss the
+    soft-capping (~1e-5 relative), so the config decides."""
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
+
+    assert not lp.fusable(_tiny(Gemma2Config, head_dim=8))
+    assert not lp.fusable(_tiny(CohereConfig))
+    assert not lp.fusable(_tiny(GraniteConfig, logits_scaling=1.05))
+    assert lp.fusable(_tiny(GraniteConfig, logits_scaling=1.0)) and lp.fusable(_tiny(LlamaConfig))
+
+
+def test_the_probe_runs_without_dropout_and_leaves_train_mode_as_it_was():
+    """A model in train mode with dropout: the probe's two passes would draw different masks and cache False."""
+    from transformers import Qwen2Config
+
+    model = _tiny(Qwen2Config, attention_dropout=0.5).train()
+    state = torch.random.get_rng_state()
+    assert lp.fusable(model)
+    assert all(module.training for module in model.modules())
+    assert torch.equal(torch.random.get_rng_state(), state)  # no random numbers used
+
+
+def test_forward_arguments_other_than_inputs_embeds_take_the_plain_path(tokenizer, batch):
+    model = tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id)
+    args = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    positions = torch.arange(batch["input_ids"].shape[1]).remainder(4).expand_as(batch["input_ids"])
+    got = lp.sequence_logps(model, *args, position_ids=positions)
+    assert torch.equal(got, lp.sequence_logps(model, *args, position_ids=positions, fused=False))
+    assert not torch.allclose(got, lp.sequence_logps(model, *args), atol=1e-3)  # the positions did matter
+    with pytest.raises(ValueError, match="position_ids"):
+        lp.sequence_logps(model, *args, position_ids=positions, fused=True)
 
 
 def test_models_whose_logits_are_not_head_of_hidden_use_the_plain_path(tokenizer, batch):

@@ -153,3 +153,29 @@ def test_under_autocast_the_matmuls_run_in_half_precision_and_the_softmax_in_flo
     for name, grad in expected[2].items():
         assert got[2][name].dtype == torch.float32
         assert (got[2][name] - grad).abs().max() <= 3e-2 * grad.abs().max(), name
+
+
+def test_hooked_heads_are_left_to_autograd():
+    """Pruning (a forward pre-hook recomputing the weight) and a replaced forward change what the head computes."""
+    import torch.nn.utils.prune as prune
+
+    pruned = nn.Linear(D, V)
+    prune.l1_unstructured(pruned, "weight", amount=0.5)
+    assert head_parts(pruned) is None
+    replaced = nn.Linear(D, V)
+    replaced.forward = lambda x: 2 * nn.functional.linear(x, replaced.weight, replaced.bias)
+    assert head_parts(replaced) is None
+    hooked = _lora_head(1)
+    handle = hooked.lora_B["default"].register_forward_hook(lambda module, args, out: out * 2)
+    assert head_parts(hooked) is None
+    handle.remove()
+    assert head_parts(hooked) is not None
+
+
+def test_float64_under_autocast_stays_float64():
+    head = nn.Linear(D, V).double()
+    hidden, labels = torch.randn(M, D, dtype=torch.float64), torch.randint(V, (M,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_head_log_softmax(head_parts(head), hidden, labels, M)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, _autograd(head, hidden, labels), atol=1e-12)

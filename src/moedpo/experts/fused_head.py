@@ -37,8 +37,19 @@ class HeadParts:
     scales: tuple[float, ...] = ()
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Forward hooks (pruning, weight norm, a user's) and replaced forwards (accelerate's offloading) change what a
+    module computes from its parameters."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in modules)
+
+
 def head_parts(head: nn.Module) -> HeadParts | None:
     """The head's operands when its forward is exactly a linear map plus plain LoRA terms; otherwise None."""
+    if _hooked(*head.modules()):
+        return None
     if type(head) is nn.Linear:
         return HeadParts(head.weight, head.bias)
     base = getattr(head, "base_layer", None)
@@ -68,7 +79,7 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The matmuls' dtype: autocast's when it is on for the device (the forward and backward then run with autocast
     off and these explicit casts), else the hidden states'."""
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:  # autocast leaves float64 alone
         return torch.get_autocast_dtype(device)
     return hidden.dtype
 

@@ -46,7 +46,7 @@ def _head_chunk(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def head_log_softmax(head, hidden: torch.Tensor, labels: torch.Tensor, max_elements: int = MAX_CHUNK_ELEMENTS):
+def head_log_softmax(head, hidden: torch.Tensor, labels: torch.Tensor, max_elements: int | None = None):
     """log softmax(head(hidden))[labels] for M positions: (M, D), (M,) -> (M,) float32, chunk by chunk.
 
     With grad enabled and more than one chunk, each chunk's logits are recomputed in the backward, never stored
@@ -54,7 +54,7 @@ def head_log_softmax(head, hidden: torch.Tensor, labels: torch.Tensor, max_eleme
     (:mod:`moedpo.experts.fused_head`, a hand-written backward); any other head, checkpointed autograd.
     """
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
-    size = max(1, max_elements // vocab)
+    size = max(1, (MAX_CHUNK_ELEMENTS if max_elements is None else max_elements) // vocab)
     parts = head_parts(head)
     if parts is not None:
         return fused_head_log_softmax(parts, hidden, labels, size)
@@ -103,20 +103,42 @@ def fusable(model) -> bool:
     return _FUSABLE[base]
 
 
+# config fields by which a model's forward changes the logits after the head, and their neutral values
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": (None, 0, 0.0),  # Gemma 2 and 3: c * tanh(logits / c)
+    "logit_scale": (None, 1, 1.0),  # Cohere: logits * scale
+    "logits_scaling": (None, 1, 1.0),  # Granite: logits / scaling
+    "lm_head_multiplier": (None, 1, 1.0),
+    "output_multiplier": (None, 1, 1.0),
+}
+
+
 @torch.no_grad()
 def _probe(model) -> bool:
+    """The config names no logit transform, and in eval mode (no dropout draws) the model's logits equal
+    ``head(decoder(x))`` on a probe. Soft-capping of small random logits changes them by ~1e-5 relative, under any
+    tolerance a probe could use: hence the config check."""
     base = _base(model)
     if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
         return False
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if any(getattr(config, name, None) not in neutral for name, neutral in LOGIT_TRANSFORMS.items()):
+        return False
     device = next(base.parameters()).device
     ids = torch.arange(1, 9, device=device).remainder(base.config.vocab_size).unsqueeze(0)
-    mask, completion = torch.ones_like(ids), torch.cat([torch.zeros_like(ids[:, :4]), torch.ones_like(ids[:, 4:])], 1)
+    mask = torch.ones_like(ids)
+    modes = {module: module.training for module in base.modules()}
+    base.eval()
     try:
-        fused = _fused_logps(model, ids, mask, completion, {})[0]
+        hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        fused = base.get_output_embeddings()(hidden)
+        plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     except (AttributeError, TypeError, ValueError):
         return False
-    plain = _plain_logps(model, ids, mask, completion, {})[0]
-    return bool(torch.allclose(fused.float(), plain.float(), atol=1e-3, rtol=1e-3))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return fused.shape == plain.shape and bool(torch.allclose(fused.float(), plain.float(), rtol=1e-4, atol=1e-5))
 
 
 def sequence_logps(
@@ -134,7 +156,10 @@ def sequence_logps(
     labels still come from ``input_ids``). With ``return_hidden`` also returns the last hidden states (N, T, D).
     ``fused=None`` takes the fused path where :func:`fusable` says it is exact.
     """
-    use_fused = fusable(model) if fused is None else fused
+    others = sorted(set(forward_kwargs) - {"inputs_embeds"})  # position_ids, adapter_names ...: the model's forward
+    if fused and others:
+        raise ValueError(f"the fused path passes only inputs_embeds to the decoder; got {others} (use fused=None)")
+    use_fused = not others and (fusable(model) if fused is None else fused)
     run = _fused_logps if use_fused else _plain_logps
     logps, hidden = run(model, input_ids, attention_mask, completion_mask, forward_kwargs, want_hidden=return_hidden)
     return (logps, hidden) if return_hidden else logps
