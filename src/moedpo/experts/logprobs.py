@@ -2,12 +2,14 @@
 
 Fused path (decoder-only models whose head is a plain projection: Llama, Mistral, Qwen, GPT-2, ...): the
 decoder gives hidden states, and the output head runs only on the positions that predict a completion token,
-a chunk of positions at a time, each chunk under activation checkpointing. So neither the (2B, T, V) logits
-nor their float32 copy ever exist, in the forward or for the backward: the peak is one chunk of
-``max_chunk_elements`` logits. Models whose forward does more than ``head(hidden)`` (logit soft-capping or
-scaling) are detected by a one-time probe against the plain forward and use the plain path, where the model
-returns logits only for positions that can hold completion tokens (``logits_to_keep``) and the log-softmax
-runs a few sequences at a time.
+a chunk of positions at a time. A linear or plain-LoRA head runs through :mod:`moedpo.experts.fused_head`
+(log-softmax fused with the projection, a hand-written backward that recomputes a chunk when there are several);
+any other head, each chunk under activation checkpointing. So neither the (2B, T, V) logits nor their float32
+copy ever exist, in the forward or for the backward: the peak is one chunk of ``MAX_CHUNK_ELEMENTS`` logits.
+Models whose forward does more than ``head(hidden)`` (logit soft-capping or scaling, named in the config or
+seen by a one-time probe against the plain forward) use the plain path, where the model returns logits only
+for positions that can hold completion tokens (``logits_to_keep``) and the log-softmax runs a few sequences at
+a time.
 """
 
 from __future__ import annotations
@@ -60,14 +62,14 @@ def head_log_softmax(head, hidden: torch.Tensor, labels: torch.Tensor, max_eleme
         return fused_head_log_softmax(parts, hidden, labels, size)
     adapters = getattr(head, "_active_adapter", None)  # a PEFT head: recompute with the adapter used now
     contexts = lambda: (contextlib.nullcontext(), _with_adapter(head, adapters))  # noqa: E731
-    parts, chunked = [], hidden.shape[0] > size  # one chunk fits the budget: keep its logits, no recompute
+    picked, chunked = [], hidden.shape[0] > size  # one chunk fits the budget: keep its logits, no recompute
     for start in range(0, hidden.shape[0], size):
         h, y = hidden[start : start + size], labels[start : start + size]
         if chunked and torch.is_grad_enabled():
-            parts.append(checkpoint(_head_chunk, head, h, y, use_reentrant=False, context_fn=contexts))
+            picked.append(checkpoint(_head_chunk, head, h, y, use_reentrant=False, context_fn=contexts))
         else:
-            parts.append(_head_chunk(head, h, y))
-    return torch.cat(parts) if parts else hidden.new_zeros(0).float()
+            picked.append(_head_chunk(head, h, y))
+    return torch.cat(picked) if picked else hidden.new_zeros(0).float()
 
 
 @contextlib.contextmanager
@@ -96,7 +98,7 @@ _FUSABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model 
 
 
 def fusable(model) -> bool:
-    """Whether ``model``'s logits are ``head(decoder(x))`` (checked once per model on a probe)."""
+    """Whether ``model``'s logits are ``head(decoder(x))`` (checked once per model: its config and a probe)."""
     base = _base(model)
     if base not in _FUSABLE:
         _FUSABLE[base] = _probe(model)
