@@ -159,7 +159,7 @@ def trl_row(shape, device, dtype, lora: bool):
 
 
 def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str):
-    from moedpo.builders import reuse_graph_by_default
+    from moedpo.assembly.components import reuse_graph_by_default
     from moedpo.experts import HeadsBank, LoRABank
     from moedpo.inference import VariationalEM
     from moedpo.models import AmortizedGuide, FixedGate

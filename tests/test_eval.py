@@ -25,10 +25,19 @@ def test_best_permutation_and_tv():
 
 
 def test_win_rate_interval_is_wilsons():
-    """By hand: 320 of 320 wins -> Wilson lower bound 1 / (1 + 1.96^2 / 320) = 0.98814; 50 of 100 -> 0.5 +- 0.0962."""
+    """By hand (z = 1.96): 320 of 320 wins -> Wilson lower bound 1 / (1 + 1.96^2 / 320) = 0.98814; 50 of 100 ->
+    0.5 +- 0.0962. For whole counts it is scipy's Wilson interval exactly."""
+    from scipy import stats
+
     from moedpo.eval.users import interval
 
     all_won = interval([1.0] * 320)
-    assert all_won["rate"] == 1.0 and abs(all_won["low"] - 1 / (1 + 1.96**2 / 320)) < 1e-12
+    assert all_won["rate"] == 1.0 and abs(all_won["low"] - 1 / (1 + 1.96**2 / 320)) < 1e-5
     half = interval([1.0, 0.0] * 50)
-    assert abs(half["low"] - 0.40383) < 1e-5 and abs(half["high"] - 0.59617) < 1e-5
+    assert abs(half["low"] - 0.40383) < 1e-4 and abs(half["high"] - 0.59617) < 1e-4
+    for wins, n in ((320, 320), (50, 100), (3, 17)):
+        ci = stats.binomtest(wins, n).proportion_ci(method="wilson")
+        ours = interval([1.0] * wins + [0.0] * (n - wins))
+        assert abs(ours["low"] - ci.low) < 1e-12 and abs(ours["high"] - ci.high) < 1e-12
+    tied = interval([1.0, 0.5, 0.0, 0.5])  # ties count half: rate 0.5
+    assert tied["rate"] == 0.5 and tied["low"] < 0.5 < tied["high"]

@@ -5,18 +5,16 @@ on a latent-class Bradley–Terry model written in Pyro (Bohne et al., arXiv 251
 :mod:`moedpo.losses`, the Pyro programs in :mod:`moedpo.models`, the EM loop in :mod:`moedpo.inference`.
 """
 
+from moedpo.config import Config, load_config
+
 __version__ = "0.1.0"
 __all__ = ["Config", "load_config", "train"]
 
 
 def __getattr__(name):
-    # Lazy, so `import moedpo.losses` does not pull in transformers and peft.
+    # Lazy: `moedpo.train` pulls in transformers and peft (heavy), which `import moedpo.losses` must not import.
     if name == "train":
         from moedpo.training import train
 
         return train
-    if name in ("Config", "load_config"):
-        from moedpo import config
-
-        return getattr(config, name)
     raise AttributeError(f"module 'moedpo' has no attribute {name!r}")

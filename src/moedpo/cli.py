@@ -7,6 +7,15 @@ import json
 import sys
 import warnings
 
+from moedpo.config import ConfigError, describe, load_config
+from moedpo.data.formats import PreferenceDataError
+from moedpo.eval.report import report
+from moedpo.personalize import personalize
+from moedpo.runs import personalization_path
+from moedpo.session import evaluate_run, generate
+from moedpo.sft import sft
+from moedpo.training import train
+
 TRAIN_HELP = "Train K experts and a gate. With no arguments: the built-in world on a tiny model (no downloads)."
 
 
@@ -47,35 +56,20 @@ def main(argv=None) -> int:
     # peft 0.21 calls a renamed transformers helper on every wrap; the warning is theirs and says nothing to users
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-    from moedpo.config import ConfigError, load_config
-    from moedpo.data.formats import PreferenceDataError
-
     try:
         if args.command == "train":
-            from moedpo.training import train
-
             run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
             print(f"run directory: {run_dir}")
         elif args.command == "sft":
-            from moedpo.sft import sft
-
             folder = sft(load_config(args.config, args.overrides), resume=args.resume)
             print(f"model folder: {folder} (use it as model.name_or_path={folder})")
         elif args.command == "report":
-            from moedpo.eval.report import report
-
             print(f"report: {report(args.run_dir, num_prompts=args.num_prompts)}")
         elif args.command == "config":
-            from moedpo.config import describe
-
             print(describe(load_config(args.config, args.overrides)), end="")
         elif args.command == "eval":
-            from moedpo.session import evaluate_run
-
             print(json.dumps(evaluate_run(args.run_dir, args.data), indent=1))
         elif args.command == "personalize":
-            from moedpo.personalize import personalization_path, personalize
-
             result = personalize(args.run_dir, args.pairs, args.user)
             print(json.dumps(result.__dict__, indent=1))
             print(
@@ -84,8 +78,6 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
         else:
-            from moedpo.session import generate
-
             expert, text = generate(args.run_dir, args.prompt, args.user, args.expert, args.max_new_tokens)
             print(f"[expert {expert}] {text}")
     except (ConfigError, PreferenceDataError, FileExistsError, FileNotFoundError) as err:  # one line, no traceback

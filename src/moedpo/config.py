@@ -282,12 +282,6 @@ def validate(config: Config) -> None:
             f"em.guide=amortized fits the built-in models' one latent site z; em.model={em.model!r} is your own: "
             "pass your own guide as em.guide=package.module:name"
         )
-    if config.data.objectives is not None:
-        from moedpo.data.reviews import OBJECTIVES
-
-        unknown = [o for o in config.data.objectives if o not in OBJECTIVES]
-        if unknown or not config.data.objectives:
-            raise ConfigError(f"data.objectives={config.data.objectives!r}: expected a list of {OBJECTIVES}")
     for key in ("exact_every", "exact_warmup"):
         if getattr(em, key) < 0:
             raise ConfigError(f"em.{key}={getattr(em, key)!r}: expected an integer >= 0")

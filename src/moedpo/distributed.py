@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from moedpo.builders import resolve_device
+from moedpo.experts.loading import resolve_device
 
 
 class DataParallel:

@@ -3,7 +3,7 @@
     config.yaml  metrics.jsonl  experts/expert_<k>/  gate.safetensors  users.json  base/ (builtin model)
     data.json (tokenized splits: eval and generate need no original file)  reference_logps.safetensors
     checkpoint/  (params.safetensors, gate.safetensors, optimizer.pt, scheduler.pt, rng.pt, loop.json, state.json)
-    report/
+    personalized/<user>.json  (new annotators' posteriors, ``moedpo personalize``)  report/
 
 Checkpoints are written to ``checkpoint.tmp`` and swapped in by renames, so a crash mid-save never spoils
 the last good one. Tensors are loaded with ``weights_only=True`` / safetensors: no pickle of untrusted files.
@@ -14,14 +14,32 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import get_scheduler
 
 from moedpo.config import ConfigError
 
 CHECKPOINT = "checkpoint"
+DATA_FILE = "data.json"
+REFERENCE_FILE = "reference_logps.safetensors"
+GUIDE_FILE = "guide.safetensors"
+GATE_FILE = "gate.safetensors"
+PERSONALIZED = "personalized"
+
+
+def lr_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """``transformers.get_scheduler``'s schedules (cosine, linear, constant, each after a linear warmup), one step
+    ahead: step s uses the factor of step s + 1 of a schedule with ``warmup_steps + 1`` warmup steps over
+    ``total_steps + 1``, i.e. (s + 1) / (warmup_steps + 1) during the warmup, so no step runs at learning rate 0
+    (Trainer's first step does) and the decay reaches 0 after ``total_steps``."""
+    name = "constant_with_warmup" if kind == "constant" else kind
+    shape = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps + 1, num_training_steps=total_steps + 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s, f=f: f(s + 1) for f in shape.lr_lambdas])
 
 
 class MetricsLogger:
@@ -92,13 +110,16 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 
 def restore_parameters(path: Path, params: dict) -> None:
-    """Copy the checkpoint's trainable parameters into ``params`` (name -> tensor) in place."""
+    """Copy the checkpoint's trainable parameters into ``params`` (name -> tensor) in place. The two sets of names
+    must agree: a checkpoint written with other experts.*, em.guide or gate settings is refused, by name."""
     saved = load_file(path / "params.safetensors")
-    missing = set(params) - set(saved)
-    if missing:
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or extra:
+        found = [f"lacks {len(missing)} parameters this config trains (e.g. {missing[0]})"] if missing else []
+        found += [f"has {len(extra)} this config does not (e.g. {extra[0]})"] if extra else []
         raise ConfigError(
-            f"{path}: checkpoint lacks {len(missing)} parameters (e.g. {sorted(missing)[0]}); it was written with "
-            "other experts.* settings: resume with the run's own config.yaml"
+            f"{path}: the checkpoint {' and '.join(found)}; it was written with other experts.*, gate.* or em.guide "
+            f"settings: resume with the run's own config.yaml ({path.parent / 'config.yaml'})"
         )
     with torch.no_grad():
         for name, param in params.items():
@@ -109,7 +130,11 @@ def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler, loop=N
     """Restore parameters, gate, optimizer, scheduler, RNG and the EM loop's state in place; returns the step."""
     restore_parameters(path, params)
     gate.load_state_dict(load_file(path / "gate.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    except ValueError as err:  # parameter groups of other sizes: another optimizer layout
+        problem = f"the optimizer state does not fit this run ({err}); resume with its own config.yaml"
+        raise ConfigError(f"{path}: {problem}") from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -124,3 +149,37 @@ def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler, loop=N
 def _as_python_state(state):
     version, internal, gauss = state
     return version, tuple(internal), gauss
+
+
+@dataclass
+class Personalization:
+    """A new annotator's distributions over a run's experts (lists of K floats), from ``moedpo personalize``."""
+
+    user: str
+    num_pairs: int
+    prior: list[float]
+    exact: list[float]
+    amortized: list[float] | None = None
+
+    @property
+    def expert(self) -> int:
+        """The expert that generation routes this annotator to: the exact posterior's top one."""
+        return max(range(len(self.exact)), key=self.exact.__getitem__)
+
+    def save(self, run_dir: Path) -> Path:
+        path = personalization_path(run_dir, self.user)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+
+def personalization_path(run_dir: Path, user: str) -> Path:
+    """``RUN/personalized/<user>.json``, the name percent-encoded: distinct names never share a file."""
+    return Path(run_dir) / PERSONALIZED / f"{quote(user, safe='')}.json"
+
+
+def load_personalization(run_dir: Path, user: str) -> Personalization | None:
+    path = personalization_path(run_dir, user)
+    if not path.exists():
+        return None
+    return Personalization(**json.loads(path.read_text()))

@@ -1,75 +1,44 @@
-"""Reopen a finished run directory: rebuild the run from ``config.yaml`` (the same builder as training) and the
-final checkpoint, then evaluate (``moedpo eval``) or route and generate (``moedpo generate``)."""
+"""A trained run, reopened: evaluate it (``moedpo eval``), route prompts and annotators to experts, and
+generate (``moedpo generate``). The run comes from the one assembly (:func:`moedpo.assembly.open_run` for a
+run directory, or the run still in memory at the end of training)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from moedpo.builders import attach_encoder_features, build_run, resolve_device
-from moedpo.config import ConfigError, load_config
+from moedpo.assembly import Run, open_run
+from moedpo.assembly.data import attach_encoder_features
+from moedpo.config import ConfigError
+from moedpo.data.batching import by_annotator
 from moedpo.data.loading import load_preference_rows
-from moedpo.data.tokenize import collate, prompt_input_ids, tokenize_rows
+from moedpo.data.sources import tokenize_data
+from moedpo.data.tokenize import collate, prompt_input_ids
 from moedpo.eval.evaluate import evaluate, user_posteriors
-from moedpo.personalize import load_personalization
-from moedpo.runs import find_checkpoint, restore_parameters
-from moedpo.training import GUIDE_FILE, REFERENCE_FILE
+from moedpo.experts.generation import greedy_completion, policy
+from moedpo.runs import load_personalization
 
 
 class RunSession:
-    """The trained experts and gate of a run directory, ready for evaluation or generation."""
+    """The trained experts and gate of a run directory, ready for evaluation or generation. ``run``: the run in
+    memory (the end of training); otherwise it is rebuilt from ``run_dir`` and restored."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, run: Run | None = None):
         self.run_dir = Path(run_dir)
-        if not (self.run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{self.run_dir}: not a moedpo run directory (no config.yaml)")
-        if not (self.run_dir / "gate.safetensors").exists():
-            raise FileNotFoundError(
-                f"{self.run_dir}: training did not finish (no gate.safetensors); continue it with "
-                f"`moedpo train --config {self.run_dir / 'config.yaml'} --resume`"
-            )
-        self.config = load_config(self.run_dir / "config.yaml")
-        self.run = build_run(self.config, resolve_device(self.config.train.device), saved=self.run_dir)
+        self.run = run if run is not None else open_run(self.run_dir)
+        self.config = self.run.config
         self.tokenizer, self.bank, self.gate = self.run.tokenizer, self.run.bank, self.run.gate
-        self.user_ids = json.loads((self.run_dir / "users.json").read_text())
-        checkpoint = find_checkpoint(self.run_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"{self.run_dir}: no complete checkpoint")
-        restore_parameters(checkpoint, self.bank.trainable_parameters())
-        self.gate.load_state_dict(load_file(self.run_dir / "gate.safetensors"))
-        if isinstance(self.run.guide, torch.nn.Module) and (self.run_dir / GUIDE_FILE).exists():
-            self.run.guide.load_state_dict(load_file(self.run_dir / GUIDE_FILE))
-        reference = self.run_dir / REFERENCE_FILE
-        if reference.exists():  # the run's own examples need no reference pass
-            self.bank.load_reference_state(load_file(reference))
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, run) -> RunSession:
-        """A session over a run still in memory (the end of training): nothing is rebuilt or reloaded."""
-        self = cls.__new__(cls)
-        self.run_dir, self.config, self.run = Path(run_dir), run.config, run
-        self.tokenizer, self.bank, self.gate = run.tokenizer, run.bank, run.gate
-        self.user_ids = list(run.data.user_ids)
-        return self
+        self.user_ids = list(self.run.data.user_ids)
 
     def evaluate(self, data: str | None = None) -> dict:
         held_out = self.run.data.eval
         if data is None and not held_out:
             raise ConfigError(f"{self.run_dir}: this run held out no pairs (data.eval_fraction=0): pass --data FILE")
         if data is not None:
-            d = self.config.data
-            held_out = tokenize_rows(
-                load_preference_rows(data, d.split),
-                self.tokenizer,
-                source=data,
-                max_length=d.max_length,
-                max_prompt_length=d.max_prompt_length,
-                truncation_mode=d.truncation_mode,
-                user_ids=self.user_ids,
-            ).examples
+            rows = load_preference_rows(data, self.config.data.split)
+            held_out = tokenize_data(rows, self.tokenizer, self.config.data, source=data, user_ids=self.user_ids)
+            held_out = held_out.examples
             offset = 1 + max(e["index"] for e in self.run.data.train + self.run.data.eval)
             for e in held_out:
                 e["index"] += offset  # keep reference-cache keys apart from the run's own examples
@@ -93,7 +62,7 @@ class RunSession:
             raise ConfigError(f"this run's gate is user-conditioned: pass --user (one of {self.user_ids[:5]}...)")
         user_index = self.user_ids.index(user) if user is not None else 0
         if self.config.em.scope == "user" and user is not None:
-            own = [e for e in self.run.data.train if e["user"] == user_index]
+            own = by_annotator(self.run.data.train).get(user_index)
             if own:
                 ids, q = user_posteriors(self.run, own)
                 return q[0]
@@ -119,21 +88,9 @@ class RunSession:
         """A conversational run was trained on chat-templated prompts: a plain prompt becomes one user turn."""
         return [{"role": "user", "content": prompt}] if self.run.data.conversational else prompt
 
-    @torch.no_grad()
     def generate(self, prompt: str, expert: int, max_new_tokens: int = 32) -> str:
-        model = self.bank.experts[expert] if hasattr(self.bank, "experts") else self.bank.model
-        if hasattr(self.bank, "activate"):
-            self.bank.activate(expert)
-        self.bank.eval_mode()
-        ids = torch.tensor([prompt_input_ids(self.tokenizer, self.as_prompt(prompt))], device=self.bank.device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        with policy(self.bank, expert) as model:
+            return greedy_completion(model, self.tokenizer, self.as_prompt(prompt), max_new_tokens)
 
 
 def evaluate_run(run_dir, data: str | None = None) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import shutil
 import sys
@@ -20,54 +19,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from moedpo.builders import DATA_FILE, Run, build_base, build_run
+from moedpo.assembly import Run, build_base, build_run
 from moedpo.config import Config, ConfigError, load_config, save_config
+from moedpo.data.batching import BatchPlan
 from moedpo.data.tokenize import collate
 from moedpo.distributed import DataParallel
 from moedpo.eval.evaluate import evaluate
+from moedpo.eval.report import report
+from moedpo.eval.rewards import resolve_rewards
 from moedpo.inference import VariationalEM
 from moedpo.progress import Progress
-from moedpo.runs import MetricsLogger, find_checkpoint, load_checkpoint, save_checkpoint
-
-REFERENCE_FILE = "reference_logps.safetensors"
-GUIDE_FILE = "guide.safetensors"
-
-
-class BatchPlan:
-    """Deterministic batches by step (so a resumed run sees the same data): pairs, or whole annotators."""
-
-    def __init__(self, examples: list[dict], by_user: bool, per_batch: int, seed: int):
-        if by_user:
-            groups: dict[int, list[dict]] = {}
-            for e in examples:
-                groups.setdefault(e["user"], []).append(e)
-            self.units = list(groups.values())
-        else:
-            self.units = [[e] for e in examples]
-        self.per_batch, self.seed = max(1, min(per_batch, len(self.units))), seed  # the last batch may be short
-        self.per_epoch = math.ceil(len(self.units) / self.per_batch)
-
-    def __call__(self, index: int, shard=lambda units: units) -> list[dict]:
-        """The examples of global batch ``index`` (``shard`` keeps this process's units of it)."""
-        epoch, position = divmod(index, self.per_epoch)
-        order = list(range(len(self.units)))
-        random.Random(self.seed * 100_003 + epoch).shuffle(order)
-        chosen = shard(order[position * self.per_batch : (position + 1) * self.per_batch])
-        return [e for i in chosen for e in self.units[i]]
-
-
-def _lr_lambda(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if kind == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    return factor
+from moedpo.runs import (
+    DATA_FILE,
+    GATE_FILE,
+    GUIDE_FILE,
+    REFERENCE_FILE,
+    MetricsLogger,
+    find_checkpoint,
+    load_checkpoint,
+    lr_scheduler,
+    save_checkpoint,
+)
+from moedpo.session import RunSession
 
 
 def _prepare_run_dir(config: Config, resume: bool, dp: DataParallel, tokenizer, base, data) -> Path:
@@ -131,8 +104,6 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     elif overrides:
         raise ValueError("pass overrides with a config path or None, or edit the Config object")
     t, dp = config.train, DataParallel()
-    from moedpo.eval.rewards import resolve_rewards
-
     resolve_rewards(config)  # a misspelt report.rewards fails now, not after training
     _absolute_paths(config)  # the run directory must work from any working directory
     torch.manual_seed(t.seed)
@@ -150,12 +121,9 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
             flush=True,
         )
     _reference_once(run, run_dir, dp)
-    params = dict(run.bank.trainable_parameters())
-    params.update({f"gate.{n}": p for n, p in run.gate.named_parameters() if p.requires_grad})
-    if isinstance(run.guide, torch.nn.Module):
-        params.update({f"guide.{n}": p for n, p in run.guide.named_parameters()})
+    params = run.trainable_parameters()
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps))
+    scheduler = lr_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
     loop = _em_loop(run, optimizer, scheduler, dp)
     start = load_checkpoint(find_checkpoint(run_dir), params, run.gate, optimizer, scheduler, loop) if resume else 0
     loop.num_steps = start
@@ -164,7 +132,7 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
 
     logger = MetricsLogger(run_dir, resume_step=start if resume else None) if dp.is_main else None
     user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, run.tokenizer.pad_token_id
-    plan = BatchPlan(run.data.train, user_scope, t.users_per_batch if user_scope else t.batch_size, t.seed)
+    plan = BatchPlan.for_examples(run.data.train, user_scope, t.users_per_batch if user_scope else t.batch_size, t.seed)
     progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
     for step in range(start, t.max_steps):
         shards = [plan(step * acc + i, dp.shard) for i in range(acc)]  # this process's share; may be empty
@@ -185,10 +153,7 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         _save_artefacts(run, run_dir)
         if t.dpo_baseline and config.experts.num_experts > 1:
             _train_dpo_baseline(config, run_dir)
-        from moedpo.eval.report import report
-        from moedpo.session import RunSession
-
-        print(f"moedpo: report -> {report(run_dir, RunSession.from_run(run_dir, run))}", file=sys.stderr, flush=True)
+        print(f"moedpo: report -> {report(run_dir, RunSession(run_dir, run))}", file=sys.stderr, flush=True)
     dp.barrier()
     dp.close()
     return run_dir
@@ -247,7 +212,7 @@ def _save_artefacts(run: Run, run_dir: Path) -> None:
             adapter_config["base_model_name_or_path"] = str((run_dir / "base").resolve())
             adapter.write_text(json.dumps(adapter_config, indent=2))
     gate_state = {k: v.detach().cpu().contiguous() for k, v in run.gate.state_dict().items()}
-    save_file(gate_state, run_dir / "gate.safetensors")
+    save_file(gate_state, run_dir / GATE_FILE)
     if isinstance(run.guide, torch.nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in run.guide.state_dict().items()}, run_dir / GUIDE_FILE)
 
@@ -263,7 +228,7 @@ def _train_dpo_baseline(config: Config, run_dir: Path) -> Path:
         train=dataclasses.replace(config.train, output_dir=str(run_dir / "dpo"), dpo_baseline=False, overwrite=True),
         report=dataclasses.replace(config.report, num_prompts=0),
     )
-    if (run_dir / "dpo" / "gate.safetensors").exists():
+    if (run_dir / "dpo" / GATE_FILE).exists():
         return run_dir / "dpo"
     print("moedpo: train.dpo_baseline: one DPO policy (K=1) on the same data -> RUN/dpo", file=sys.stderr, flush=True)
     return train(baseline, resume=find_checkpoint(run_dir / "dpo") is not None)

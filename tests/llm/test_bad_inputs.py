@@ -138,10 +138,10 @@ def test_uncached_hub_name_with_no_network_fails_at_once(tmp_path, capsys, monke
 
     from huggingface_hub import constants
 
-    import moedpo.builders as builders
+    import moedpo.experts.loading as loading
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(builders, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
     code, err = run(
         tmp_path, capsys, "train", "model.name_or_path=no-org/no-model", f"train.output_dir={tmp_path / 'r'}"

@@ -13,7 +13,8 @@ from moedpo.experts import HeadsBank, LoRABank
 from moedpo.experts import logprobs as lp
 from moedpo.inference import VariationalEM
 from moedpo.models import FixedGate
-from moedpo.training import REFERENCE_FILE, train
+from moedpo.runs import REFERENCE_FILE
+from moedpo.training import train
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from moedpo.assembly.base import base_name
 from moedpo.cli import main
 from moedpo.config import load_config
-from moedpo.data import reviews_world
 from moedpo.eval import rewards as rewards_module
 from moedpo.eval.rewards import checks, mean_se, routes
+from moedpo.reference.reviews import annotated_rows
 from moedpo.training import train
 
 TINY = [
@@ -91,8 +92,9 @@ def test_reviews_world_trains_compares_and_reports(tmp_path, monkeypatch):
     assert "## Recovered vs true types" in text and "| mixture |" in text and "expert 1" in text
     assert (run / "report" / "types.png").exists() and (run / "report" / "rewards.png").exists()
     # the annotated pairs are cached: the second run (and `moedpo report`) samples nothing for them
-    monkeypatch.setattr("moedpo.eval.generation.sample_completions", lambda *a, **k: pytest.fail("re-annotated"))
-    assert reviews_world.annotated_rows(load_config(overrides=TINY)) == rows
+    monkeypatch.setattr("moedpo.reference.reviews.sample_completions", lambda *a, **k: pytest.fail("re-annotated"))
+    cfg = load_config(overrides=TINY)
+    assert annotated_rows(cfg, base_name(cfg)) == rows
     monkeypatch.undo()
     monkeypatch.setenv("MOEDPO_CACHE", str(tmp_path / "cache"))
     assert main(["report", str(run)]) == 0

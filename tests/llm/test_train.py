@@ -131,7 +131,7 @@ def test_saved_experts_load_in_plain_peft_and_reproduce_logged_logps(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from moedpo.builders import build_base, prepare_data
+    from moedpo.assembly import build_base, prepare_data
     from moedpo.data.tokenize import collate
     from moedpo.experts import sequence_logps
 

@@ -13,8 +13,9 @@ the type (the input-dependent gate with the pair-scope latent).
 
 from __future__ import annotations
 
-import math
 import random
+
+from moedpo.data.worlds import Annotator, distinct_pair, label_pairs
 
 A_WORDS = ["sunny", "bright", "warm", "gentle", "calm", "golden", "cheerful", "soft"]
 B_WORDS = ["stormy", "dark", "cold", "fierce", "wild", "grey", "gloomy", "harsh"]
@@ -32,18 +33,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def _completion(rng: random.Random, length: int = 6) -> tuple[str, int]:
+def _completion(rng: random.Random, length: int = 6) -> str:
     n_a, n_b = rng.randint(0, 3), rng.randint(0, 3)
     words = rng.sample(A_WORDS, n_a) + rng.sample(B_WORDS, n_b)
     words += [rng.choice(NEUTRAL) for _ in range(length - len(words))]
     rng.shuffle(words)
-    return " ".join(words), n_a - n_b
-
-
-def bt_label(rng: random.Random, first: str, second: str, margin: float) -> tuple[str, str]:
-    """(chosen, rejected) by a Bradley–Terry annotator: ``first`` wins with probability sigmoid(margin), the
-    annotator's reward of ``first`` minus that of ``second``."""
-    return (first, second) if rng.random() < 1 / (1 + math.exp(-margin)) else (second, first)
+    return " " + " ".join(words)
 
 
 def make_builtin_rows(
@@ -54,28 +49,22 @@ def make_builtin_rows(
     seed: int = 0,
 ) -> list[dict]:
     """Rows in TRL's explicit-prompt format with ``user_id`` and ground-truth ``group`` columns."""
+
+    def draw_pair(rng, kind):
+        topics = DOMAINS[kind] if domain_reveals_type else DOMAINS["bright"] + DOMAINS["dark"]
+        prompt = f"{rng.choice(PROMPT_VERBS)} the {rng.choice(topics)} :"
+        return (prompt, *distinct_pair(rng, kind, _completion, reward))
+
+    def reward(text, kind):
+        return true_reward(text, kind, scale)
+
+    annotators = [
+        Annotator(f"annotator_{t * annotators_per_type + a:03d}", kind, kind)
+        for t, kind in enumerate(TYPES)
+        for a in range(annotators_per_type)
+    ]
     rng = random.Random(seed)
-    rows = []
-    for t, kind in enumerate(TYPES):
-        sign = 1 if kind == "bright" else -1
-        for a in range(annotators_per_type):
-            user = f"annotator_{t * annotators_per_type + a:03d}"
-            for _ in range(pairs_per_annotator):
-                topics = DOMAINS[kind] if domain_reveals_type else DOMAINS["bright"] + DOMAINS["dark"]
-                prompt = f"{rng.choice(PROMPT_VERBS)} the {rng.choice(topics)} :"
-                (first, s1), (second, s2) = _completion(rng), _completion(rng)
-                while s1 == s2:
-                    second, s2 = _completion(rng)
-                chosen, rejected = bt_label(rng, first, second, sign * scale * (s1 - s2))
-                rows.append(
-                    {
-                        "prompt": prompt,
-                        "chosen": " " + chosen,
-                        "rejected": " " + rejected,
-                        "user_id": user,
-                        "group": kind,
-                    }
-                )
+    rows = label_pairs(annotators, pairs_per_annotator, draw_pair, reward, rng)
     rng.shuffle(rows)
     return rows
 

@@ -23,7 +23,7 @@ import random
 import re
 from functools import lru_cache
 
-from moedpo.data.builtin import bt_label
+from moedpo.data.worlds import Annotator, distinct_pair, label_pairs
 
 OBJECTIVES = ("sentiment", "informativeness", "grammar")
 ASPECTS = [
@@ -155,11 +155,6 @@ def make_prompt(rng: random.Random) -> str:
     return rng.choice(PROMPTS).format(t=title, g=rng.choice(GENRES))
 
 
-def label(rng: random.Random, first: str, second: str, objective: str, scale: float) -> tuple[str, str]:
-    """(chosen, rejected) by a Bradley–Terry annotator who scores completions by ``objective``."""
-    return bt_label(rng, first, second, scale * (reward(first, objective) - reward(second, objective)))
-
-
 def make_review_rows(
     objectives: tuple[str, ...] = ("sentiment", "informativeness"),
     annotators_per_type: int = 10,
@@ -168,19 +163,16 @@ def make_review_rows(
     seed: int = 0,
 ) -> list[dict]:
     """Rows (explicit prompt, user_id, group = the annotator's objective) labelling pairs of random reviews."""
+
+    def draw_pair(rng, objective):
+        return (make_prompt(rng), *distinct_pair(rng, objective, make_review, reward))
+
+    annotators = [
+        Annotator(f"critic_{t * annotators_per_type + a:03d}", objective, objective)
+        for t, objective in enumerate(objectives)
+        for a in range(annotators_per_type)
+    ]
     rng = random.Random(seed)
-    rows = []
-    for t, objective in enumerate(objectives):
-        for a in range(annotators_per_type):
-            user = f"critic_{t * annotators_per_type + a:03d}"
-            for _ in range(pairs_per_annotator):
-                first, second = make_review(rng), make_review(rng)
-                while reward(first, objective) == reward(second, objective):
-                    second = make_review(rng)
-                chosen, rejected = label(rng, first, second, objective, scale)
-                rows.append(
-                    {"prompt": make_prompt(rng), "chosen": chosen, "rejected": rejected, "user_id": user,
-                     "group": objective}
-                )  # fmt: skip
+    rows = label_pairs(annotators, pairs_per_annotator, draw_pair, reward, rng, scale)
     rng.shuffle(rows)
     return rows

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import random
 
-from moedpo.data.builtin import A_WORDS, B_WORDS, DOMAINS, NEUTRAL, PROMPT_VERBS, bt_label
+from moedpo.data.builtin import A_WORDS, B_WORDS, DOMAINS, NEUTRAL, PROMPT_VERBS
+from moedpo.data.worlds import Annotator, distinct_pair, label_pairs
 
 GROUPS = (A_WORDS[:4], A_WORDS[4:], B_WORDS[:4], B_WORDS[4:])
 LIKES = {0: (0, 2), 1: (2, 0), 2: (1, 3), 3: (3, 1)}  # type -> (liked group, disliked group)
@@ -37,33 +38,23 @@ def _completion(rng: random.Random, length: int = 6) -> str:
     words = [w for group, n in zip(GROUPS, counts) for w in rng.sample(group, n)]
     words += [rng.choice(NEUTRAL) for _ in range(max(0, length - len(words)))]
     rng.shuffle(words)
-    return " ".join(words)
+    return " " + " ".join(words)
 
 
 def _features(rng: random.Random, t: int, noise: float) -> list[float]:
     return [(1.0 if j == t else 0.0) + rng.gauss(0, noise) for j in range(len(TYPE_NAMES))]
 
 
-def _pairs(rng: random.Random, user: str, t: int, n: int, features, scale: float) -> list[dict]:
-    rows = []
-    topics = DOMAINS["bright"] + DOMAINS["dark"]
-    for _ in range(n):
-        prompt = f"{rng.choice(PROMPT_VERBS)} the {rng.choice(topics)} :"
-        first, second = _completion(rng), _completion(rng)
-        while true_reward(first, t, scale) == true_reward(second, t, scale):
-            second = _completion(rng)
-        chosen, rejected = bt_label(rng, first, second, true_reward(first, t, scale) - true_reward(second, t, scale))
-        rows.append(
-            {
-                "prompt": prompt,
-                "chosen": " " + chosen,
-                "rejected": " " + rejected,
-                "user_id": user,
-                "user_features": features,
-                "group": TYPE_NAMES[t],
-            }
-        )
-    return rows
+def _draw_pair(rng: random.Random, t: int, scale: float) -> tuple[str, str, str]:
+    prompt = f"{rng.choice(PROMPT_VERBS)} the {rng.choice(DOMAINS['bright'] + DOMAINS['dark'])} :"
+    return (prompt, *distinct_pair(rng, t, _completion, lambda text, kind: true_reward(text, kind, scale)))
+
+
+def _annotator_rows(rng: random.Random, user: str, t: int, n: int, noise: float, scale: float) -> list[dict]:
+    """One annotator's ``n`` labelled rows (its user_features drawn first)."""
+    annotator = Annotator(user, t, TYPE_NAMES[t], _features(rng, t, noise))
+    reward = lambda text, kind: true_reward(text, kind, scale)  # noqa: E731
+    return label_pairs([annotator], n, lambda r, kind: _draw_pair(r, kind, scale), reward, rng)
 
 
 def make_users_world(
@@ -82,11 +73,10 @@ def make_users_world(
     for t in range(len(TYPE_NAMES)):
         for a in range(users_per_type):
             user = f"user_{t * users_per_type + a:03d}"
-            train += _pairs(rng, user, t, pairs_per_user, _features(rng, t, feature_noise), scale)
+            train += _annotator_rows(rng, user, t, pairs_per_user, feature_noise, scale)
         for a in range(new_users_per_type):
             user = f"new_{t * new_users_per_type + a:03d}"
-            features = _features(rng, t, feature_noise)
-            rows = _pairs(rng, user, t, new_pairs + test_pairs, features, scale)
+            rows = _annotator_rows(rng, user, t, new_pairs + test_pairs, feature_noise, scale)
             new[user] = (rows[:new_pairs], rows[new_pairs:])
     rng.shuffle(train)
     return {"train": train, "new": new}

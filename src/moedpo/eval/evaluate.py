@@ -16,7 +16,7 @@ from moedpo.data.tokenize import collate
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.inference import e_step
 from moedpo.inference.margins import log_ratios
-from moedpo.losses import log_likelihood
+from moedpo.losses import mixture_nll
 
 
 @torch.no_grad()
@@ -41,18 +41,32 @@ def gate_batch(examples: list[dict]) -> dict:
 
 
 @torch.no_grad()
+def latent_posterior(run, h: torch.Tensor, gate_logits: torch.Tensor, extra: dict) -> torch.Tensor:
+    """The exact posterior of the latent whose prior is the gate, under the run's own latent model (``em.model``):
+    (U, K) per annotator in user scope, (B, K) per pair in pair scope. The one route for posteriors after training
+    (evaluation, routing, ``personalize``, the report): the E-step of training, :func:`moedpo.inference.e_step`.
+
+    ``h`` (B, K) margins; ``gate_logits`` and ``extra`` as the gate gives them (``extra``: e.g. ``user_index``)."""
+    beta, smoothing = run.config.em.beta, run.config.em.label_smoothing
+    h = h.double()
+    args = (h, gate_logits.cpu().double(), beta, torch.ones(h.shape[0], dtype=h.dtype))
+    kwargs = {"label_smoothing": smoothing, **{k: v.cpu() for k, v in extra.items()}}
+    q = e_step(run.model, args, kwargs, beta, smoothing, run.model.max_plate_nesting).gate_q
+    return q.reshape(-1, q.shape[-1])  # float64
+
+
+@torch.no_grad()
 def user_posteriors(run, examples: list[dict], fit: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(user ids (U,), posterior over the gate's latent (U, K)) of the annotators of ``examples``."""
-    config, pad = run.config, run.tokenizer.pad_token_id
-    fit = fit if fit is not None else bank_margins(run.bank, examples, pad)
+    fit = fit if fit is not None else bank_margins(run.bank, examples, run.tokenizer.pad_token_id)
     batch = gate_batch(examples)
     logits, extra = run.gate.logits(batch, fit["features"].to(run.bank.device))
-    h = fit["h"].double()
-    args = (h, logits.cpu().double(), config.em.beta, torch.ones(h.shape[0], dtype=h.dtype))
-    kwargs = {"label_smoothing": config.em.label_smoothing, **{k: v.cpu() for k, v in extra.items()}}
-    nesting = run.model.max_plate_nesting
-    q = e_step(run.model, args, kwargs, config.em.beta, config.em.label_smoothing, nesting).gate_q
-    return torch.unique(batch["user"]), q.reshape(-1, q.shape[-1]).float()
+    return torch.unique(batch["user"]), latent_posterior(run, fit["h"], logits, extra).float()
+
+
+def predictive_log_prob(h: torch.Tensor, weights: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """log sum_k w_k P(y+ > y- | expert k) of each pair, (N, K) margins and weights -> (N,)."""
+    return -mixture_nll(h, weights.clamp_min(1e-30).log(), beta, label_smoothing)
 
 
 @torch.no_grad()
@@ -63,7 +77,9 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
     test = bank_margins(run.bank, held_out, pad)
     h = test["h"]
     details = {"expert_chosen_logps": test["chosen_logps"], "expert_rejected_logps": test["rejected_logps"]}
-    prior = run.gate.pair_weights(gate_batch(held_out), test["features"].to(run.bank.device)).cpu()  # (N, K)
+    logits, extra = run.gate.logits(gate_batch(held_out), test["features"].to(run.bank.device))
+    prior = torch.softmax(logits, -1).cpu()
+    prior = prior[extra["user_index"].cpu()] if "user_index" in extra else prior  # (N, K): w(x, u) per pair
     if config.em.scope == "user":
         ids, q_users = user_posteriors(run, train)
         position = {int(u): i for i, u in enumerate(ids)}
@@ -76,8 +92,8 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
     else:
         weights = prior
         groups = [e["group"] for e in held_out]
-        posteriors = torch.softmax(prior.log() + log_likelihood(h, beta, config.em.label_smoothing), -1)
-    log_prob = torch.logsumexp(weights.clamp_min(1e-30).log() + log_likelihood(h, beta, config.em.label_smoothing), -1)
+        posteriors = latent_posterior(run, h, logits, extra).float()
+    log_prob = predictive_log_prob(h, weights, beta, config.em.label_smoothing)
     metrics = {
         "eval/rewards/accuracies": float((log_prob > -torch.log(torch.tensor(2.0))).float().mean()),
         "eval/mixture_nll": float(-log_prob.mean()),

@@ -12,10 +12,18 @@ import json
 import sys
 from pathlib import Path
 
+import matplotlib
+import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from moedpo.config import ConfigError
+from moedpo.data.reviews_world import held_out_prompts
+from moedpo.eval.evaluate import evaluate, user_posteriors
 from moedpo.eval.metrics import adjusted_rand_index
+from moedpo.eval.rewards import checks, resolve_rewards, reward_table
+from moedpo.runs import GATE_FILE
+from moedpo.session import RunSession
 
 
 def write_report(report_dir: Path, metrics: dict, details: dict, examples: list[dict], metrics_path: Path) -> None:
@@ -36,13 +44,11 @@ def write_report(report_dir: Path, metrics: dict, details: dict, examples: list[
 
 
 def _plot(path: Path, metrics_path: Path, final: dict) -> None:
-    plt = _pyplot()
-    if plt is None:
-        return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     if not any(k.startswith("eval/") for r in rows for k in r):  # no periodic evaluation: draw the final one
         rows[-1] = {**rows[-1], **{k: v for k, v in final.items() if k.startswith("eval/")}}
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig = Figure(figsize=(17, 3.6))
+    axes = fig.subplots(1, 4)
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
     axes[0].plot(steps, loss, color="tab:blue", alpha=0.25, label="loss (per step)")
@@ -71,14 +77,11 @@ def _plot(path: Path, metrics_path: Path, final: dict) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _per_type(ax, final: dict) -> None:
     """Final held-out accuracy of each expert on each annotator type: an expert near 0.5 overall is right for its
     own type and wrong for the other (by design), which only this breakdown shows."""
-    import numpy as np
-
     cells = {}
     for key, value in final.items():
         parts = key.split("/")  # eval/expert_k/<type>/rewards/accuracies
@@ -109,10 +112,6 @@ def _ema(values, decay=0.9):
 
 def report(run_dir: str | Path, session=None, num_prompts: int | None = None) -> Path:
     """Evaluate a finished run and write ``RUN/report/`` (see the module docstring); returns ``report.md``."""
-    from moedpo.eval.evaluate import evaluate, user_posteriors
-    from moedpo.eval.rewards import resolve_rewards
-    from moedpo.session import RunSession
-
     run_dir = Path(run_dir)
     if num_prompts is not None and num_prompts < 0:
         raise ConfigError(f"--num-prompts {num_prompts}: expected an integer >= 0 (0: no rewards table)")
@@ -145,8 +144,6 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
 def recovered_types(run, posteriors=None) -> tuple[list, list[int]] | None:
     """(true type, recovered expert) per annotator (user scope) or per held-out pair; None without a group.
     ``posteriors``: the training annotators' ``user_posteriors``, when the caller has them already."""
-    from moedpo.eval.evaluate import evaluate, user_posteriors
-
     if run.config.em.scope == "user":
         ids, q = posteriors if posteriors is not None else user_posteriors(run, run.data.train)
         group = {e["user"]: e["group"] for e in run.data.train}
@@ -173,16 +170,12 @@ def _types_section(run, out: Path, posteriors) -> list[str]:
     lines += ["| true type | " + " | ".join(f"expert {j}" for j in range(k)) + " |", "|---" * (k + 1) + "|"]
     lines += [f"| {kind} | " + " | ".join(str(c) for c in row) + " |" for kind, row in zip(types, counts)]
     (out / "types.json").write_text(json.dumps({"ari": ari, "types": types, "counts": counts}))
-    if _heatmap(out / "types.png", counts, types, k, f"recovered types (ARI {ari:.2f})"):
-        lines += ["", "![confusion matrix](types.png)"]
+    _heatmap(out / "types.png", counts, types, k, f"recovered types (ARI {ari:.2f})")
+    lines += ["", "![confusion matrix](types.png)"]
     return lines + [""]
 
 
 def _rewards_section(session, rewards: dict, n: int, run_dir: Path, out: Path, posteriors) -> list[str]:
-    from moedpo.data.reviews_world import held_out_prompts
-    from moedpo.eval.rewards import checks, reward_table
-    from moedpo.session import RunSession
-
     config = session.config
     if config.data.source == "reviews":
         prompts = held_out_prompts(n, config.report.seed)
@@ -191,7 +184,7 @@ def _rewards_section(session, rewards: dict, n: int, run_dir: Path, out: Path, p
     if not prompts:
         return []
     dpo_dir = run_dir / "dpo"
-    dpo = RunSession(dpo_dir) if (dpo_dir / "gate.safetensors").exists() else None
+    dpo = RunSession(dpo_dir) if (dpo_dir / GATE_FILE).exists() else None
     print(f"moedpo report: sampling {len(prompts)} held-out prompts per policy", file=sys.stderr, flush=True)
     table = reward_table(session, rewards, prompts, dpo, config.report.max_new_tokens, config.report.seed, posteriors)
     table["checks"] = checks(table)
@@ -217,28 +210,15 @@ def _rewards_section(session, rewards: dict, n: int, run_dir: Path, out: Path, p
         )
     else:
         lines.append("No DPO baseline (train.dpo_baseline=true trains one in RUN/dpo).")
-    if _bars(out / "rewards.png", table["rows"], names):
-        lines += ["", "![rewards](rewards.png)"]
+    _bars(out / "rewards.png", table["rows"], names)
+    lines += ["", "![rewards](rewards.png)"]
     lines += ["", "First samples:", ""] + [f"- {p}: `{t[0].strip()[:160]}`" for p, t in table["samples"].items()]
     return lines + [""]
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _heatmap(path: Path, counts, types, k, title) -> bool:
-    plt = _pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * k, 1.2 + 0.6 * len(types)))
+def _heatmap(path: Path, counts, types, k, title) -> None:
+    fig = Figure(figsize=(1.6 + 1.1 * k, 1.2 + 0.6 * len(types)))
+    ax = fig.subplots()
     ax.imshow(counts, cmap="Blues")
     for i, row in enumerate(counts):
         for j, c in enumerate(row):
@@ -250,19 +230,13 @@ def _heatmap(path: Path, counts, types, k, title) -> bool:
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
 
 
-def _bars(path: Path, rows: dict, names: list[str]) -> bool:
-    plt = _pyplot()
-    if plt is None:
-        return False
-    import numpy as np
-
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+def _bars(path: Path, rows: dict, names: list[str]) -> None:
+    fig = Figure(figsize=(4.2 * len(names), 3.6))
+    axes = fig.subplots(1, len(names), squeeze=False)
     policies = list(rows)
-    colours = plt.get_cmap("tab10")(np.arange(len(policies)))
+    colours = matplotlib.colormaps["tab10"](np.arange(len(policies)))
     for ax, r in zip(axes[0], names):
         means = [rows[p][r]["mean"] for p in policies]
         ax.bar(range(len(policies)), means, yerr=[2 * rows[p][r]["se"] for p in policies], color=colours, capsize=3)
@@ -270,5 +244,3 @@ def _bars(path: Path, rows: dict, names: list[str]) -> bool:
         ax.set_title(f"{r} (mean, bars: ±2 SE)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True

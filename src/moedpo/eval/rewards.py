@@ -12,21 +12,21 @@ the same seed (temperature 1), so a routed answer is the chosen expert's own sam
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
+from scipy import stats
 
 from moedpo.config import Config, ConfigError
+from moedpo.data import reviews
 from moedpo.eval.evaluate import user_posteriors
-from moedpo.eval.generation import sample_completions
+from moedpo.experts.generation import policy, sample_completions
+from moedpo.plugins import import_object
 
 
 def resolve_rewards(config: Config) -> dict:
     """name -> reward(text) -> float: ``report.rewards`` (reviews names or package.module:name), else the reviews
     world's three for ``data.source: reviews``, else none."""
-    from moedpo.data import reviews
-
     names = config.report.rewards
     if names is None:
         names = list(reviews.OBJECTIVES) if config.data.source == "reviews" else []
@@ -35,8 +35,6 @@ def resolve_rewards(config: Config) -> dict:
         if name in reviews.REWARDS:
             out[name] = reviews.REWARDS[name]
         elif ":" in name:
-            from moedpo.builders import import_object
-
             out[name.rsplit(":", 1)[1]] = import_object(name, "report.rewards")
         else:
             raise ConfigError(
@@ -46,29 +44,10 @@ def resolve_rewards(config: Config) -> dict:
 
 
 def mean_se(values: list[float]) -> dict:
-    """Mean, standard error of the mean (sample standard deviation / sqrt n) and n."""
+    """Mean, standard error of the mean (``scipy.stats.sem``: sample standard deviation / sqrt n; 0 for one value)
+    and n."""
     n = len(values)
-    mean = sum(values) / n
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return {"mean": mean, "se": math.sqrt(variance / n), "n": n}
-
-
-@contextlib.contextmanager
-def policy(bank, k: int | None):
-    """The causal LM of expert ``k`` (None: the reference) of a LoRA, heads (its adapters on the top layers) or
-    independent bank."""
-    bank.eval_mode()
-    if hasattr(bank, "experts"):
-        yield bank.reference_model if k is None else bank.experts[k]
-    elif hasattr(bank, "activate"):
-        if k is None:
-            with bank.model.disable_adapter():
-                yield bank.model
-        else:
-            bank.activate(k)
-            yield bank.model
-    else:
-        raise ConfigError(f"the rewards table samples from the experts: {type(bank).__name__} cannot generate")
+    return {"mean": sum(values) / n, "se": float(stats.sem(values)) if n > 1 else 0.0, "n": n}
 
 
 def routes(session, prompts: list, columns: list[str], seed: int, posteriors=None) -> dict[str, dict]:

@@ -17,18 +17,18 @@ from __future__ import annotations
 import math
 
 import torch
+from scipy import stats
 
-from moedpo.eval.evaluate import bank_margins
-from moedpo.eval.generation import sample_completions
-from moedpo.eval.rewards import policy
-from moedpo.losses import log_likelihood
+from moedpo.eval.evaluate import bank_margins, predictive_log_prob
+from moedpo.experts.generation import policy, sample_completions
 from moedpo.personalize import posteriors_from_examples, tokenize_for_run
 
 
 def interval(scores: list[float]) -> dict:
     """Win rate of per-comparison scores (1 win, 1/2 tie, 0 loss) with its 95% Wilson score interval (which stays
-    honest at 0 or 1, where the normal interval collapses to a point)."""
-    n, z = len(scores), 1.96
+    honest at 0 or 1, where the normal interval collapses to a point). Ties make the count fractional, which
+    ``scipy.stats.binomtest(...).proportion_ci(method="wilson")`` does not take; for whole counts the two agree."""
+    n, z = len(scores), float(stats.norm.ppf(0.975))
     rate = sum(scores) / n
     centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -88,14 +88,13 @@ def new_user_accuracy(session, new_users: dict[str, tuple[list, list]], ks=(1, 2
     for user, (fit_rows, test_rows) in new_users.items():
         fit_examples = tokenize_for_run(session, fit_rows, "<users world>")  # probes: never cached
         test_examples = tokenize_for_run(session, test_rows, "<users world>")
-        test = bank_margins(session.bank, test_examples, session.tokenizer.pad_token_id)
-        loglik = log_likelihood(test["h"].double(), beta, smoothing)  # (N, K)
+        h = bank_margins(session.bank, test_examples, session.tokenizer.pad_token_id)["h"].double()  # (N, K)
         for k in ks:
             result = posteriors_from_examples(session, fit_examples[:k], user)
             for method in correct:
                 q = getattr(result, method)
                 if q is None:
                     continue
-                log_prob = torch.logsumexp(torch.tensor(q).clamp_min(1e-30).log() + loglik, -1)
+                log_prob = predictive_log_prob(h, torch.tensor(q, dtype=h.dtype).expand_as(h), beta, smoothing)
                 correct[method][k] += (log_prob > -math.log(2)).double().tolist()
     return {m: {k: sum(v) / len(v) for k, v in by_k.items() if v} for m, by_k in correct.items()}

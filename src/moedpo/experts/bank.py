@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 
+from moedpo.data.tokenize import collate
 from moedpo.experts.logprobs import pooled_features, sequence_logps
 
 
@@ -165,8 +166,6 @@ class ExpertBank:
     def precompute_reference(self, examples: list[dict], pad_token_id: int, batch_size: int = 32, progress=None):
         """Reference log-probs and features of every example, once per dataset (what TRL calls
         ``precompute_ref_log_probs``); then no step runs the reference."""
-        from moedpo.data.tokenize import collate
-
         missing = [e for e in examples if e["index"] not in self._ref_cache]
         for start in range(0, len(missing), batch_size):
             self.reference(self.to_device(collate(missing[start : start + batch_size], pad_token_id)))

@@ -27,7 +27,8 @@ MAX_CHUNK_ELEMENTS = 2**25  # logits per chunk of the fused head: 128 MiB in flo
 
 
 def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
-    """log softmax(logits)[labels] per position: (N, T, V), (N, T) -> (N, T), at least float32.
+    """log softmax(logits)[labels] per position: (N, T, V), (N, T) -> (N, T), at least float32. The one plain
+    route to log-probs at the labels (the plain forward, SFT, the head's autograd path; the fused head's twin).
 
     float32/float64 logits are used in place (gather minus logsumexp: no (N, T, V) copy). Half-precision logits
     are upcast ``chunk_rows`` sequences at a time, so a float32 copy of the whole tensor never exists.
@@ -43,9 +44,7 @@ def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, chunk_rows
 
 
 def _head_chunk(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden)  # (C, V)
-    logits = logits if logits.element_size() >= 4 else logits.float()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    return selective_log_softmax(head(hidden).unsqueeze(0), labels.unsqueeze(0), chunk_rows=1)[0]  # (C,)
 
 
 def head_log_softmax(head, hidden: torch.Tensor, labels: torch.Tensor, max_elements: int | None = None):

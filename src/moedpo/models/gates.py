@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moedpo.models.bt import first_pairs
+
 
 class FixedGate(nn.Module):
     """Global mixture weights, independent of the input. ``weights`` given and ``learnable=False`` freezes them."""
@@ -114,7 +116,7 @@ class Router(nn.Module):
         if self.scope == "pair":
             return self._rows(users, batch.get("user_features"), features), {}
         ids, local = torch.unique(users, return_inverse=True)
-        first = torch.zeros_like(ids).scatter_(0, local, torch.arange(local.numel(), device=device))
+        first = first_pairs(local, ids.numel())  # each annotator's features, read from its first pair
         user_features = batch.get("user_features")
         return self._rows(ids, None if user_features is None else user_features[first.cpu()], None), {
             "user_index": local

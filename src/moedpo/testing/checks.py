@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 
 import torch
+from pyro import poutine
 
+from moedpo.inference.estep import log_joint, posterior
 from moedpo.inference.objectives import marginal_loss
 from moedpo.losses.dpo import dpo_loss
 
@@ -90,10 +92,6 @@ def check_posterior_by_enumeration(
 ):
     """moedpo's E-step (:func:`moedpo.inference.posterior`) equals brute force: every joint assignment of every
     latent site scored by the model, then normalised. Checks each site's marginal and the log evidence."""
-    from pyro import poutine
-
-    from moedpo.inference.estep import log_joint, posterior
-
     obs = torch.ones(h.shape[0], dtype=h.dtype)
     args = (h.detach(), gate_logits.detach(), beta, obs)
     post = posterior(model, *args, max_plate_nesting=max_plate_nesting, **kwargs)

@@ -1,4 +1,5 @@
-"""Completions sampled from a causal LM for many prompts at once, at a fixed seed (reports, annotation).
+"""A policy's causal LM (:func:`policy`), and completions sampled from it for many prompts at once, at a fixed
+seed (reports, the reviews world's annotation, ``moedpo generate``).
 
 Prompts are left-padded into batches; sampling is at temperature 1 with no top-k or top-p, so the samples are
 draws from the policy itself (what its rewards are measured on). The same seed, prompts and model give the same
@@ -7,10 +8,31 @@ completions.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from moedpo.config import ConfigError
 from moedpo.data.tokenize import prompt_input_ids
 from moedpo.progress import Progress
+
+
+@contextlib.contextmanager
+def policy(bank, k: int | None):
+    """The causal LM of expert ``k`` (None: the reference) of a LoRA, heads (its adapters on the top layers) or
+    independent bank, in eval mode."""
+    bank.eval_mode()
+    if hasattr(bank, "experts"):
+        yield bank.reference_model if k is None else bank.experts[k]
+    elif hasattr(bank, "activate"):
+        if k is None:
+            with bank.model.disable_adapter():
+                yield bank.model
+        else:
+            bank.activate(k)
+            yield bank.model
+    else:
+        raise ConfigError(f"sampling needs the experts' causal LMs: {type(bank).__name__} cannot generate")
 
 
 @torch.no_grad()
@@ -49,3 +71,17 @@ def sample_completions(
         progress.close()
         torch.random.set_rng_state(generator_state)
     return out
+
+
+@torch.no_grad()
+def greedy_completion(model, tokenizer, prompt, max_new_tokens: int = 32) -> str:
+    """The greedy continuation of one prompt (a string, or messages for a chat-templated model)."""
+    ids = torch.tensor([prompt_input_ids(tokenizer, prompt)], device=next(model.parameters()).device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
