@@ -6,12 +6,15 @@ gradient of Phi at the global P_bar restricted to its own units, so any split su
 """
 
 import math
+import os
+import socket
 
 import pytest
 import torch
 
 from moedpo.data import make_tabular_world
 from moedpo.data.synthetic import TabularPairs
+from moedpo.distributed import DataParallel
 from moedpo.experts import TabularExperts
 from moedpo.inference import VariationalEM
 from moedpo.losses import load_balance_loss, responsibilities, usage_entropy_penalty, user_responsibilities
@@ -88,9 +91,13 @@ def _rows(pairs, keep):
     return TabularPairs(pairs.prompt[keep], pairs.chosen[keep], pairs.rejected[keep], pairs.user[keep])
 
 
+def _world():
+    return make_tabular_world(num_types=2, num_prompts=4, annotators_per_type=2, pairs_per_annotator=6, seed=7)
+
+
 @pytest.fixture(scope="module")
 def world():
-    return make_tabular_world(num_types=2, num_prompts=4, annotators_per_type=2, pairs_per_annotator=6, seed=7)
+    return _world()
 
 
 def _pair_scope_batches(world):
@@ -131,7 +138,7 @@ def _start(world, scope, gate_kind):
     return experts, gate, gate_logits
 
 
-def _step(world, scope, gate_kind, micro_batches, load_balance=0.3, usage_entropy=0.2):
+def _step(world, scope, gate_kind, micro_batches, load_balance=0.3, usage_entropy=0.2, sync=None):
     """Parameters after one EM step (2 M-step updates, SGD lr 0.5) from the same start."""
     experts, gate, gate_logits = _start(world, scope, gate_kind)
     params = [*experts.parameters(), *gate.parameters()]
@@ -144,6 +151,7 @@ def _step(world, scope, gate_kind, micro_batches, load_balance=0.3, usage_entrop
         m_steps=2,
         load_balance=load_balance,
         usage_entropy=usage_entropy,
+        sync=sync,
     )
     loop.step(*micro_batches)
     return [p.detach().clone() for p in params]
@@ -200,3 +208,45 @@ def test_gate_after_a_split_step_is_two_sgd_steps_on_the_closed_form_objective(w
     got = _step(world, scope, "mlp", split)[1:]  # [0] is the experts' table
     for a, b in zip(expected, got):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+
+
+def _two_process_worker(rank, port, out_dir):
+    """One of two gloo processes: rank 0 holds 7 pairs in one micro-batch (user scope: annotators {0, 2}), rank 1
+    the other 3 in micro-batches of 2 and 1 (user scope: annotator 1, then annotator 3)."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank)})
+    torch.set_num_threads(1)
+    sync = DataParallel()
+    world = _world()
+    results = {}
+    for scope in ("pair", "user"):
+        pairs, (first, second) = (_pair_scope_batches if scope == "pair" else _user_scope_batches)(world)
+        if rank == 0:
+            shard = [first]
+        elif scope == "pair":
+            shard = [_rows(second, torch.arange(2)), _rows(second, torch.arange(2, 3))]
+        else:
+            shard = [_rows(second, second.user == u) for u in (1, 3)]
+        results[scope] = _step(world, scope, "mlp", shard, sync=sync)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_the_anticollapse_statistics(world, tmp_path):
+    """Two gloo processes with uneven shards (7 pairs | 2 + 1 pairs; user scope 6 | 2 + 2 pairs by annotator) take
+    the step of one process holding the whole batch: P_bar and f_bar are summed across processes (sync.sum)
+    before any micro-batch's share, gradients after. Without the cross-process sum each process's penalty would
+    use its own mean gate."""
+    torch.multiprocessing.spawn(_two_process_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for scope in ("pair", "user"):
+        pairs, _ = (_pair_scope_batches if scope == "pair" else _user_scope_batches)(world)
+        one = _step(world, scope, "mlp", [pairs])
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[scope]
+            for a, b in zip(one, got):
+                assert torch.allclose(a, b, atol=1e-6, rtol=0), (scope, rank, (a - b).abs().max())
