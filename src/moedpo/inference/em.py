@@ -12,7 +12,8 @@
 
 Schedules (each M-step objective is a sum over pairs, divided by the *global* number of pairs of the step, and
 gradients are summed over processes: any split of a batch into processes or accumulation steps, even or not,
-gives the update of one big batch):
+gives the update of one big batch; the anti-collapse penalties, functions of the step's mean gate, enter as each
+micro-batch's exact share, :mod:`~moedpo.inference.penalties`):
 
 - ``em``: exact E-step (:func:`~moedpo.inference.estep.posterior`), then ``m_steps`` updates of
   -E_q[log p(obs, z)] with q fixed: weighted DPO for the experts, cross-entropy to q for the gate. With
@@ -59,7 +60,7 @@ from moedpo.inference.objectives import (
     routed_loss,
     sampled_loss,
 )
-from moedpo.losses.anticollapse import load_balance_loss, usage_entropy_penalty
+from moedpo.inference.penalties import GatePenalty, gate_penalty
 from moedpo.losses.dpo import LOSS_TYPES, dpo_loss, log_likelihood
 from moedpo.models.bt import first_pairs, mixture_bt_model
 from moedpo.models.gates import FixedGate
@@ -148,11 +149,12 @@ class VariationalEM:
         records = []
         for update in range(self.m_steps):
             self.optimizer.zero_grad(set_to_none=True)
+            penalty = None if routed else self.gate_penalty(batches)  # anti-collapse: the whole step's mean gate
             for i, batch in enumerate(batches):
                 if routed:
                     record, e_steps[i] = self.routed_update(batch, total)
                 else:
-                    record, e_steps[i] = self.dense_update(batch, e_steps[i], total)
+                    record, e_steps[i] = self.dense_update(batch, e_steps[i], total, penalty)
                 if update == 0:
                     records.append(record)
             self.apply_gradients()  # optimizer
@@ -172,8 +174,11 @@ class VariationalEM:
             self.metrics["em/exact_step"] = float(not routed)
         return self.metrics["loss"]
 
-    def dense_update(self, batch, e: EStep | None, total: float) -> tuple[dict, EStep]:
-        """Every expert's margins, the exact E-step (``e`` reused across M-steps) and the M-step gradients."""
+    def dense_update(
+        self, batch, e: EStep | None, total: float, penalty: GatePenalty | None = None
+    ) -> tuple[dict, EStep]:
+        """Every expert's margins, the exact E-step (``e`` reused across M-steps) and the M-step gradients, with
+        this micro-batch's share of the step's anti-collapse ``penalty``."""
         out = as_dict(self.experts.margins(batch))  # margins (B, K)
         h, leaves = margins_with_leaves(out)
         gate_logits, extra = gate_output(self.gate(batch, out))  # gate
@@ -195,6 +200,8 @@ class VariationalEM:
             if self.schedule in ("em", "gumbel"):
                 guide_loss = guide_loss + self._guide_on_subsets(detached_args, kwargs)
             loss = loss + guide_loss
+        if penalty is not None:  # scaled like the sums over pairs: one batch gives weight * Phi(P_bar)
+            loss = loss + total * penalty.share(gate_logits)
         (loss / total).backward()
         if leaves:  # expert update: margins came without a graph; the experts backpropagate
             self.experts.backward(batch, *(leaf.grad for leaf in leaves))
@@ -248,6 +255,25 @@ class VariationalEM:
         record = routed_record(q, drawn, route, h.detach(), gate_logits, float(loss.elbo))
         return record, EStep(None, q, routed, None)
 
+    def gate_penalty(self, batches) -> GatePenalty | None:
+        """Load balance and usage entropy at the mean gate over every latent unit of the step (all micro-batches,
+        all processes), from a no-grad gate pass before any backward: on the frozen base's cached features
+        (``experts.reference``) where the experts have them, else on their margins. Once per M-step update: the
+        gate moves between updates."""
+        if not (self.load_balance or self.usage_entropy):
+            return None
+        with torch.no_grad():
+            logits = [gate_output(self.gate(b, self._gate_inputs(b)))[0] for b in batches]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        device = logits[0].device if logits else params[0].device
+        num_experts = self.experts.num_experts
+        return gate_penalty(logits, self.load_balance, self.usage_entropy, num_experts, device, self.sync)
+
+    def _gate_inputs(self, batch) -> dict:
+        if hasattr(self.experts, "reference"):
+            return self.experts.reference(batch)
+        return as_dict(self.experts.margins(batch))
+
     def _guide_inputs(self, out: dict) -> dict:
         return {"guide_features": out["guide_features"]} if self.guide is not None and "guide_features" in out else {}
 
@@ -269,11 +295,6 @@ class VariationalEM:
         if self.loss_type != "sigmoid":  # swap the BT term of the experts for the q-weighted TRL loss
             h = args[0]
             loss = loss + self._loss_type_shift(e, out, h)
-        gate_logits, num_pairs = args[1], args[0].shape[0]
-        if self.load_balance:
-            loss = loss + num_pairs * self.load_balance * load_balance_loss(gate_logits)
-        if self.usage_entropy:
-            loss = loss + num_pairs * self.usage_entropy * usage_entropy_penalty(gate_logits)
         return loss
 
     def _loss_type_shift(self, e: EStep, out: dict, h: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceEnum_ELBO, config_enumerate, infer_discrete
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -173,11 +174,21 @@ def expected_log_joint(model, post: Posterior, *args, max_plate_nesting: int | N
     Its gradient equals the gradient of log p(obs) where ``post`` was computed (Fisher's identity); with
     ``post`` held fixed over several updates it is the EM M-step objective.
     """
-    sites = _sample_sites(_trace(model, plate_nesting(model, max_plate_nesting), args, kwargs))
+    return _expected_log_joint(model, post, args, kwargs, plate_nesting(model, max_plate_nesting), scaled=True)
+
+
+def _expected_log_joint(model, post: Posterior, args, kwargs, nesting: int, scaled: bool):
+    """sum_s sum q_s log p_s, each site's log p with its plates' scale N/b (``scaled``: the M-step objective) or
+    without it (its derivatives are then the posterior's own, whatever the subsample). Masks apply either way."""
+    sites = _sample_sites(_trace(model, nesting, args, kwargs))
     missing = set(post.factors) ^ set(sites)
     if missing:
         raise ValueError(f"the model's sample sites changed since the E-step: {sorted(missing)}")
-    return sum((post.factors[name] * site["log_prob"]).sum() for name, site in sites.items())
+    return sum((post.factors[name] * _log_prob(site, scaled)).sum() for name, site in sites.items())
+
+
+def _log_prob(site, scaled: bool) -> torch.Tensor:
+    return site["log_prob"] if scaled else scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
 
 
 def sample_posterior(model, *args, max_plate_nesting: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
@@ -252,13 +263,15 @@ def e_step(model, args, kwargs, beta: float, label_smoothing: float, nesting: in
 
     ``args`` = (h, gate_logits, beta, obs). dE/dh_ik = r_ik * d log p(y_i | expert k) / dh_ik gives the
     responsibilities r; dE/dg_uk = q_uk - w_uk (g: logits of a categorical prior) gives the gate latent's q.
-    Used by training, evaluation and routing alike.
+    Used by training, evaluation and routing alike. The log joint is taken without the plates' scale: under a
+    subsampled plate (``subsample`` / ``subsample_size``) N/b would multiply both derivatives, and the q's with
+    them; rows outside the subsample get r = 0 and the gate's prior.
     """
     post = posterior(model, *args, max_plate_nesting=nesting, **kwargs)
     h, g = (a.detach().double().requires_grad_(True) for a in args[:2])
     rest = (args[2], args[3].double())
     with torch.enable_grad():
-        expected = expected_log_joint(model, _cast(post), h, g, *rest, max_plate_nesting=nesting, **kwargs)
+        expected = _expected_log_joint(model, _cast(post), (h, g, *rest), kwargs, nesting, scaled=False)
         dh, dg = torch.autograd.grad(expected, [h, g], allow_unused=True)
         slope = torch.autograd.grad(log_likelihood(h, beta, label_smoothing).sum(), h)[0]
     pair_q = torch.where(slope > 0, (dh if dh is not None else 0 * h) / slope.clamp_min(1e-300), 0.0)
