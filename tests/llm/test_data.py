@@ -39,7 +39,6 @@ def test_explicit_implicit_and_conversational_rows():
         ({"prompt": 7, "chosen": "c", "rejected": "r"}, "prompt", "expected a string"),
         ({"prompt": "p", "chosen": "c", "rejected": "r", "user_features": "x"}, "user_features", "list of numbers"),
         ({"chosen": "abc", "rejected": "xyz"}, "prompt", "share no prefix"),
-        ({"prompt": "p", "chosen": " same", "rejected": " same"}, "rejected", "identical to 'chosen'"),
         (
             {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": " "}]},
             "chosen",

@@ -20,7 +20,6 @@ BAD_ROWS = st.one_of(
     tag(False, st.fixed_dictionaries({}, optional={"prompt": text, "rejected": text})),  # no chosen
     tag(True, st.builds(lambda v: {**GOOD, "chosen": v}, junk)),  # chosen not a string
     tag(False, st.builds(lambda v: {**GOOD, "rejected": v}, st.sampled_from(["", "   ", "\n"]))),  # empty
-    tag(False, st.builds(lambda v: {**GOOD, "rejected": GOOD["chosen"], "user_id": v}, text)),  # chosen == rejected
     tag(
         True, st.builds(lambda v: {**GOOD, "prompt": v}, st.one_of(st.integers(), st.lists(st.integers(), min_size=1)))
     ),
