@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 from math import comb
 
 import torch
+from scipy.optimize import linear_sum_assignment
 
 
 def adjusted_rand_index(labels_true, labels_pred) -> float:
@@ -28,11 +28,13 @@ def adjusted_rand_index(labels_true, labels_pred) -> float:
 
 
 def best_permutation(cost: torch.Tensor) -> tuple[int, ...]:
-    """The assignment perm (learned k -> planted perm[k]) minimising sum_k cost[k, perm[k]] (K <= 8)."""
-    num = cost.shape[0]
-    if num > 8:
-        raise ValueError(f"exhaustive matching supports at most 8 experts, got {num}")
-    return min(itertools.permutations(range(num)), key=lambda p: float(sum(cost[k, p[k]] for k in range(num))))
+    """The assignment perm (learned k -> planted perm[k]) minimising sum_k cost[k, perm[k]] for a (K, K) cost.
+
+    scipy's Hungarian-type solver (``linear_sum_assignment``), O(K^3): any K, not only what K! orderings allow.
+    """
+    table = torch.as_tensor(cost).detach().cpu().double().numpy()
+    rows, cols = linear_sum_assignment(table)  # rows = 0..K-1 for a square table
+    return tuple(int(cols[k]) for k in rows.argsort())
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
