@@ -183,8 +183,9 @@ def tokenize_rows(
 
 
 def _pad(sequences: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+    """Right-padded (N, longest) long tensor of the id lists."""
+    rows = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict:
