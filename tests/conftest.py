@@ -21,7 +21,9 @@ settings.register_profile(
     "ci", derandomize=True, deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile("dev", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("random", deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(  # derandomize=False explicitly: under CI, hypothesis' own default derandomizes
+    "random", derandomize=False, deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 
