@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -33,3 +35,33 @@ def test_vs_trl_runs(tmp_path):
     # one expert on 2 of 4 layers, frozen trunk, head on completion positions only: well under TRL's FLOPs
     assert rows["TRL DPOTrainer, full fine-tune"]["flops_x_trl_full_ft"] == 1.0
     assert 0.2 < heads["flops_x_trl_full_ft"] < 0.5
+
+
+def _gpu_check(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # gpu_check imports step_cost, as when run from benchmarks/
+    import gpu_check
+
+    return gpu_check
+
+
+def test_gpu_check_fused_head_asserts_on_cpu(monkeypatch):
+    """gpu_check's fused-head check, small and on CPU under bfloat16 autocast (no memory assert on CPU): it passes,
+    and a fused head 10% off (values and gradients) fails it."""
+    from moedpo.experts import logprobs
+
+    gpu_check = _gpu_check(monkeypatch)
+    small = dict(device="cpu", vocab_size=512, hidden_size=64, rows=300)
+    result = gpu_check.fused_head_check(**small)
+    assert result["chunks"] == 3 and result["peak_bytes"] is None
+    assert result["logps"] <= gpu_check.LOGP_TOL and max(result["grads"].values()) <= gpu_check.GRAD_TOL
+    assert {"hidden", "base_layer.weight"} <= result["grads"].keys() and any("lora_B" in n for n in result["grads"])
+    fused = logprobs.fused_head_log_softmax
+    monkeypatch.setattr(logprobs, "fused_head_log_softmax", lambda *args: 1.1 * fused(*args))
+    with pytest.raises(AssertionError, match="fused head log-probs"):
+        gpu_check.fused_head_check(**small)
+
+
+def test_gpu_check_margins_assert_on_cpu(monkeypatch):
+    gpu_check = _gpu_check(monkeypatch)
+    agreement = gpu_check.margins_check(device="cpu", vocab_size=256, hidden_size=64, num_layers=2, batch=8, seq=32)
+    assert gpu_check.SIGN_AGREEMENT <= agreement <= 1.0

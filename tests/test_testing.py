@@ -70,3 +70,40 @@ def test_checks_catch_an_unnormalised_model():
     h, g = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     with pytest.raises(AssertionError, match="normalisation"):
         check_normalisation(unnormalised_model, h, g, 0.5, max_plate_nesting=1)
+
+
+WITHOUT_HYPOTHESIS = """
+import sys
+sys.modules["hypothesis"] = None  # as if not installed: any import of it raises ImportError
+import torch
+import moedpo.testing
+from moedpo.losses import mixture_nll
+from moedpo.models import mixture_bt_model
+from moedpo.testing import check_matches_closed_form, check_single_expert_is_dpo
+h, g = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+check_matches_closed_form(mixture_bt_model, mixture_nll, h, g, 0.5)
+check_single_expert_is_dpo(mixture_bt_model, h[:, :1], g[:, :1], 0.5)
+try:
+    moedpo.testing.strategies
+except ImportError as error:
+    assert "moedpo[testing]" in str(error), error
+else:
+    raise AssertionError("strategies imported without hypothesis")
+print("checks ran without hypothesis")
+"""
+
+
+def test_checks_import_and_run_without_hypothesis():
+    """hypothesis is a test extra only: the checks work without it; only ``strategies`` needs it, and says so."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WITHOUT_HYPOTHESIS], capture_output=True, text=True, env=os.environ)
+    assert done.returncode == 0 and "checks ran without hypothesis" in done.stdout, done.stderr[-2000:]
+
+
+def test_strategies_stay_reachable_as_an_attribute():
+    import moedpo.testing
+
+    assert moedpo.testing.strategies is mst and "strategies" in moedpo.testing.__all__

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from moedpo.cli import main
 from moedpo.data.builtin import make_builtin_rows
@@ -110,6 +111,8 @@ def test_newcomer_findings(tmp_path, capsys, monkeypatch):
 
     for bad, words in (("train.learning_rate=-1", "train.learning_rate=-1.0: expected a number >= 0"),
                        ("train.device=cuda", "sees no CUDA device")):  # fmt: skip
+        if bad == "train.device=cuda":  # the error of a torch build without CUDA, also on a machine that has one
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         code, err = run(tmp_path, capsys, "train", bad, f"train.output_dir={tmp_path / 'bad'}", *SMALL)
         assert code == 2 and words in err and not (tmp_path / "bad").exists()
 

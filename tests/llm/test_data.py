@@ -5,6 +5,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from moedpo.data.formats import PreferenceDataError, normalise_row
 from moedpo.data.loading import load_preference_rows
@@ -39,7 +40,6 @@ def test_explicit_implicit_and_conversational_rows():
         ({"prompt": 7, "chosen": "c", "rejected": "r"}, "prompt", "expected a string"),
         ({"prompt": "p", "chosen": "c", "rejected": "r", "user_features": "x"}, "user_features", "list of numbers"),
         ({"chosen": "abc", "rejected": "xyz"}, "prompt", "share no prefix"),
-        ({"prompt": "p", "chosen": " same", "rejected": " same"}, "rejected", "identical to 'chosen'"),
         (
             {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": " "}]},
             "chosen",
@@ -126,3 +126,12 @@ def test_datasets_folder_loads_through_load_dataset(tmp_path):
     (folder / "train.jsonl").write_text("".join(json.dumps(GOOD) + "\n" for _ in range(3)))
     rows = load_preference_rows(str(folder), split="train")
     assert len(rows) == 3 and rows[0].user_id == "a1"
+
+
+def test_pad_right_pads_ragged_rows_with_the_value():
+    """By hand: rows of 3, 1 and 0 tokens pad to width 3 with the value; long ids, also when every row is empty."""
+    from moedpo.data.tokenize import _pad
+
+    padded = _pad([[5, 6, 7], [8], []], -3)
+    assert padded.dtype == torch.long and padded.tolist() == [[5, 6, 7], [8, -3, -3], [-3, -3, -3]]
+    assert _pad([[], []], 0).shape == (2, 0) and _pad([[], []], 0).dtype == torch.long

@@ -144,3 +144,67 @@ def test_lora_experts_save_as_standard_peft_folders(tiny_model, batch, tmp_path)
         plain = PeftModel.from_pretrained(base, str(tmp_path / f"expert_{k}"))
         got = sequence_logps(plain, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         assert torch.allclose(got.detach().chunk(2)[0], logps[:, k], atol=1e-5)
+
+
+def _probe(generator, vocab_size: int) -> dict:
+    """A new user's probe batch: 2 pairs (4 sequences of 10 tokens, the last 4 the completion), index -1, -2."""
+    return {
+        "input_ids": torch.randint(3, vocab_size, (4, 10), generator=generator),
+        "attention_mask": torch.ones(4, 10, dtype=torch.long),
+        "completion_mask": torch.cat([torch.zeros(4, 6), torch.ones(4, 4)], 1).long(),
+        "index": torch.tensor([-1, -2]),
+    }
+
+
+def _full_forward_logps(bank, batch) -> torch.Tensor:
+    """Each expert's log-probs (2B, K) through the whole model, no trunk split, no cache: expert k's adapters sit
+    on the top layers only, so this is what trunk + top layers must give."""
+    with torch.no_grad():
+        columns = []
+        for k in range(bank.num_experts):
+            bank.activate(k)
+            ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            columns.append(sequence_logps(bank.model, ids, mask, completion, fused=False))
+        return torch.stack(columns, -1)
+
+
+def test_heads_trunk_cache_never_serves_another_batch(tiny_model):
+    """The trunk cache was keyed by (data_ptr, shape, index): a probe batch written into the same memory (here the
+    very tensor, overwritten in place: what address reuse does to freed probe batches) got the old batch's trunk."""
+    bank = HeadsBank(tiny_model, 2, top_layers=1)
+    generator = torch.Generator().manual_seed(0)
+    vocab = tiny_model.config.vocab_size
+    probe = _probe(generator, vocab)
+    bank.margins(probe)
+    probe["input_ids"].copy_(torch.randint(3, vocab, (4, 10), generator=generator))  # same tensor, shape, index
+    got = bank.margins(probe)
+    expected = _full_forward_logps(bank, probe)
+    assert torch.allclose(torch.cat([got["chosen_logps"], got["rejected_logps"]]), expected, atol=1e-5)
+
+
+def test_heads_margins_of_consecutive_probe_batches_are_their_own(tiny_model):
+    """New users' probe batches all have index -1..-n and one shape; each must get its own trunk. Each batch here
+    is a new tensor at the address of the last one (``set_`` on one storage), as an allocator reusing freed
+    memory places it, so the test does not depend on the allocator's luck."""
+    bank = HeadsBank(tiny_model, 2, top_layers=1)
+    generator = torch.Generator().manual_seed(1)
+    memory = torch.empty(4 * 10, dtype=torch.long).untyped_storage()
+    for _ in range(6):
+        probe = _probe(generator, tiny_model.config.vocab_size)
+        ids = torch.tensor([], dtype=torch.long).set_(memory, 0, (4, 10))
+        probe["input_ids"] = ids.copy_(probe["input_ids"])
+        got = bank.margins(probe)
+        expected = _full_forward_logps(bank, probe)
+        assert torch.allclose(torch.cat([got["chosen_logps"], got["rejected_logps"]]), expected, atol=1e-5)
+
+
+def test_heads_trunk_is_reused_by_margins_and_backward_of_one_batch(tiny_model, batch):
+    """The training case keeps its cache: margins() and backward() of one batch run the trunk once."""
+    bank = HeadsBank(tiny_model, 2, top_layers=1)
+    calls = []
+    original = bank.decoder.forward
+    bank.decoder.forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    bank.margins(batch)
+    trunk_runs = len(calls)  # the reference pass runs the whole model, which also goes through the decoder
+    bank.backward(batch, torch.ones(6, 2), -torch.ones(6, 2))
+    assert trunk_runs >= 1 and len(calls) == trunk_runs + 2  # backward: each expert's top layers, no new trunk

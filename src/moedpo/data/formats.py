@@ -7,7 +7,9 @@ Accepted (as TRL's ``DPOTrainer``):
   does (see :func:`prompt_cut`);
 - conversational: lists of ``{"role", "content"}`` messages, rendered with the tokenizer's chat template.
 Optional columns: ``user_id`` (annotator), ``user_features`` (list of numbers), ``group`` (ground-truth type,
-used only for evaluation). A bad row raises :class:`PreferenceDataError` naming file, row and field.
+used only for evaluation). A bad row raises :class:`PreferenceDataError` naming file, row and field. A pair whose
+chosen equals its rejected is not bad, only uninformative: it is kept here and dropped (counted) by
+:func:`moedpo.data.tokenize.tokenize_rows`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class PreferenceRow:
     @property
     def conversational(self) -> bool:
         return isinstance(self.chosen, list)
+
+    @property
+    def no_preference(self) -> bool:
+        """Chosen equals rejected (texts or message lists): the pair says nothing about which is better."""
+        return self.chosen == self.rejected
 
 
 def _is_messages(value) -> bool:
@@ -86,9 +93,13 @@ def prompt_cut(chosen: str | list, rejected: str | list) -> int:
 
 
 def _split_implicit(chosen, rejected, source, row) -> tuple:
-    """(prompt, chosen, rejected) of an implicit-prompt row; a pair that shares no prefix cannot carry a prompt."""
+    """(prompt, chosen, rejected) of an implicit-prompt row; a pair that shares no prefix cannot carry a prompt.
+
+    An identical pair splits like any other (a one-character or one-message pair into an empty prompt); it is
+    dropped at tokenization, so its prompt is never used.
+    """
     cut = prompt_cut(chosen, rejected)
-    if cut <= 0:
+    if cut <= 0 and chosen != rejected:
         raise PreferenceDataError(
             source,
             row,
@@ -107,11 +118,7 @@ def normalise_row(record: dict[str, Any], source: str, row: int) -> PreferenceRo
     conversational = _is_messages(chosen) or _is_messages(rejected)
     _check_completion(chosen, source, row, "chosen", conversational, explicit=prompt is not None)
     _check_completion(rejected, source, row, "rejected", conversational, explicit=prompt is not None)
-    if chosen == rejected:
-        raise PreferenceDataError(
-            source, row, "rejected", "identical to 'chosen' (a pair must differ to express a preference); drop the row"
-        )
-    if prompt is None:
+    if prompt is None:  # an identical pair is kept here and dropped, counted, by tokenize_rows (no preference)
         prompt, chosen, rejected = _split_implicit(chosen, rejected, source, row)
     elif conversational and not _is_messages(prompt):
         raise PreferenceDataError(source, row, "prompt", "conversational rows need the prompt as a list of messages")

@@ -14,6 +14,7 @@ What TRL 1.16 does (``DPOTrainer._prepare_dataset`` and ``DataCollatorForPrefere
 - Truncation is per sequence (prompt+completion) to ``max_length``: ``keep_start`` keeps the first tokens and
   drops rows whose prompt alone has ``max_length`` tokens or more (nothing would be left to learn from);
   ``keep_end`` (deprecated in TRL 1.16) keeps the last tokens and drops nothing.
+- A pair whose chosen equals its rejected is dropped too (TRL trains on it, but it carries no preference).
 
 ``max_prompt_length`` is not a TRL 1.16 option: when set, the prompt keeps its last ``max_prompt_length`` tokens
 (those next to the completion) before the rules above. Each example keeps prompt, chosen and rejected ids
@@ -30,6 +31,7 @@ import torch
 from moedpo.data.formats import PreferenceDataError, PreferenceRow
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
+NO_PREFERENCE = "chosen equals rejected (no preference)"
 
 
 @dataclass
@@ -109,13 +111,15 @@ def _drop_reason(prompt_ids: list[int], max_length: int | None, mode: str) -> st
 
 
 def _no_rows_left(source: str, dropped: list[tuple[int, str]]) -> PreferenceDataError:
-    row, reason = dropped[0]
+    """The error for a dataset with every row dropped; it names the first row dropped for length, if any."""
+    too_long = [(row, reason) for row, reason in dropped if reason != NO_PREFERENCE]
+    row, reason = (too_long or dropped)[0]
+    if too_long:
+        field, hint = "prompt", "raise max_length, set max_prompt_length below it, or use truncation_mode=keep_end"
+    else:
+        field, hint = "rejected", "give pairs whose chosen and rejected answers differ"
     return PreferenceDataError(
-        source,
-        row,
-        "prompt",
-        f"no usable rows remain: all {len(dropped)} rows were dropped ({reason}); raise max_length, set "
-        "max_prompt_length below it, or use truncation_mode=keep_end",
+        source, row, field, f"no usable rows remain: all {len(dropped)} rows were dropped ({reason}); {hint}"
     )
 
 
@@ -131,7 +135,8 @@ def tokenize_rows(
 ) -> Tokenized:
     """Tokenize rows like TRL; returns examples with integer user indices (new users appended to ``user_ids``).
 
-    Rows TRL drops are counted in ``num_dropped`` and listed in ``dropped``; their users are not registered.
+    Rows TRL drops, and pairs whose chosen equals their rejected (no preference), are counted in ``num_dropped``
+    and listed in ``dropped``; their users are not registered.
     Raises :class:`PreferenceDataError` if rows were given and every one was dropped.
     """
     if truncation_mode not in TRUNCATION_MODES:
@@ -140,6 +145,9 @@ def tokenize_rows(
     lookup = {u: i for i, u in enumerate(users)}
     examples, dropped, truncated_rows = [], [], 0
     for i, row in enumerate(rows):
+        if row.no_preference:  # TRL trains on it; it carries no preference, so it is dropped and counted
+            dropped.append((i, NO_PREFERENCE))
+            continue
         prompt_ids, chosen_ids, rejected_ids = _split(tokenizer, row)
         cut_prompt = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
         if cut_prompt:
@@ -175,8 +183,9 @@ def tokenize_rows(
 
 
 def _pad(sequences: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+    """Right-padded (N, longest) long tensor of the id lists."""
+    rows = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict:

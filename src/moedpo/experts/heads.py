@@ -75,15 +75,27 @@ class HeadsBank(LoRABank):
 
     @torch.no_grad()
     def trunk(self, batch) -> torch.Tensor:
-        """Hidden states after the frozen bottom layers (2B, T, D), computed once per batch."""
-        key = (batch["input_ids"].data_ptr(), tuple(batch["input_ids"].shape), batch["index"].tolist())
-        if key != self._trunk_key:
+        """Hidden states after the frozen bottom layers (2B, T, D), computed once per batch.
+
+        The cache is keyed by the batch's values: a copy of its input_ids and attention_mask (2B, T), compared with
+        ``torch.equal``, since the trunk is a function of them alone. An address key (data_ptr, shape, index)
+        matched a different batch once freed memory was reused (new users' probe batches all have index -1..-n),
+        and a key on the tensor object would miss in training on an accelerator, where margins() and backward()
+        each move the same CPU batch to the device anew.
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if not self._is_cached(ids, mask):
             with self._only_layers(self.layers[: self.split], keep_norm=False):
-                out = self.decoder(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                )
-            self._trunk_key, self._trunk = key, out.last_hidden_state
+                out = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            self._trunk_key, self._trunk = (ids.clone(), mask.clone()), out.last_hidden_state
         return self._trunk
+
+    def _is_cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+        if self._trunk_key is None:
+            return False
+        cached_ids, cached_mask = self._trunk_key
+        same_shape = cached_ids.shape == ids.shape and cached_mask.shape == mask.shape
+        return same_shape and torch.equal(cached_ids, ids) and torch.equal(cached_mask, mask)
 
     def _top_logps(self, batch, hidden=None):
         hidden = self.trunk(batch) if hidden is None else hidden

@@ -7,8 +7,14 @@ arguments so users can push into the extreme regime (|beta h| up to 1e4) or keep
 from __future__ import annotations
 
 import torch
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
+
+try:
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError as error:  # hypothesis is optional: only these strategies need it
+    raise ImportError(
+        f"moedpo.testing.strategies needs hypothesis ({error}); install it with: pip install 'moedpo[testing]'"
+    ) from error
 
 _FLOAT = dict(allow_nan=False, allow_infinity=False, allow_subnormal=False)
 
