@@ -115,7 +115,8 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         d = run.data
         print(
             f"moedpo: run directory {run_dir}; {len(d.train)} training and {len(d.eval)} held-out pairs, "
-            f"{d.num_truncated} truncated, {d.num_dropped} dropped (prompt >= data.max_length, as TRL); "
+            f"{d.num_truncated} truncated, {d.num_dropped} dropped (prompt >= data.max_length as TRL, or chosen "
+            "equals rejected); "
             f"em.scope={config.em.scope} over {len(d.user_ids)} annotators; {d.split}",
             file=sys.stderr,
             flush=True,

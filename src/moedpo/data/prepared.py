@@ -23,7 +23,7 @@ class PreparedData:
     user_ids: list[str]
     num_truncated: int
     user_feature_dim: int
-    num_dropped: int = 0  # rows TRL would drop too (prompt >= max_length under keep_start): counted, not fatal
+    num_dropped: int = 0  # rows dropped, counted, not fatal: prompt >= max_length (as TRL), chosen equals rejected
     conversational: bool = False  # rows were chat messages: prompts at generation go through the chat template
     split: str = ""  # how the held-out pairs were chosen, in words (for the log and config.yaml)
 
