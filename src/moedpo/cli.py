@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import warnings
@@ -14,7 +15,7 @@ from moedpo.personalize import personalize
 from moedpo.runs import personalization_path
 from moedpo.session import evaluate_run, generate
 from moedpo.sft import sft
-from moedpo.training import train
+from moedpo.training import TrainingInterrupted, train
 
 TRAIN_HELP = "Train K experts and a gate. With no arguments: the built-in world on a tiny model (no downloads)."
 
@@ -83,7 +84,25 @@ def main(argv=None) -> int:
     except (ConfigError, PreferenceDataError, FileExistsError, FileNotFoundError) as err:  # one line, no traceback
         print(f"moedpo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk, not the input: say which file and what to do
+        print(f"moedpo {args.command}: error: {_os_problem(err, args.command)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        said = str(err) if isinstance(err, TrainingInterrupted) else "interrupted (Ctrl-C)"
+        print(f"moedpo {args.command}: {said}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _os_problem(err: OSError, command: str) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    text = f"{err.strerror or err}{where}"
+    if err.errno == errno.ENOSPC and command == "train":
+        text += (
+            "; free some space, then continue with --resume (the last complete checkpoint is kept; with none yet, "
+            "rerun without --resume and with train.overwrite=true)"
+        )
+    return text
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def evaluate_run(run_dir, data: str | None = None) -> dict:
 
 
 def generate(run_dir, prompt: str, user: str | None, expert: str, max_new_tokens: int) -> tuple[int, str]:
+    if not prompt.strip():
+        raise ConfigError("--prompt is empty: give the text to continue, e.g. --prompt 'describe the garden :'")
     session = RunSession(run_dir)
     num_experts = session.config.experts.num_experts
     if expert != "auto" and not (expert.isdigit() and int(expert) < num_experts):

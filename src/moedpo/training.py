@@ -7,20 +7,22 @@ E-step -> M-step -> expert update -> optimizer -> schedule, in that order, in on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
-import shutil
+import signal
 import sys
-import time
+import threading
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from moedpo.assembly import Run, build_base, build_run
-from moedpo.config import Config, ConfigError, load_config, save_config
+from moedpo import rundir
+from moedpo.assembly import Run, build_run
+from moedpo.config import Config, load_config, save_config
 from moedpo.data.batching import BatchPlan
 from moedpo.data.tokenize import collate
 from moedpo.distributed import DataParallel
@@ -43,32 +45,37 @@ from moedpo.runs import (
 from moedpo.session import RunSession
 
 
-def _prepare_run_dir(config: Config, resume: bool, dp: DataParallel, tokenizer, base, data) -> Path:
-    """Rank 0 creates (or checks, for --resume) the run directory and writes its header; the others wait."""
-    if dp.enabled and "{time}" in config.train.output_dir:
-        raise ConfigError("with several processes, set train.output_dir explicitly (every rank must agree)")
-    if not dp.is_main:
-        dp.barrier()
-        return Path(config.train.output_dir)
-    if "{time}" in config.train.output_dir:
-        if resume:
-            raise FileNotFoundError("--resume needs the run's own train.output_dir (see its config.yaml)")
-        config.train.output_dir = config.train.output_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
-    run_dir = Path(config.train.output_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not config.train.overwrite:
-            raise FileExistsError(
-                f"{run_dir} exists and is not empty: pass --resume to continue it, "
-                "train.overwrite=true to replace it, or another train.output_dir"
-            )
-        shutil.rmtree(run_dir)
-    if resume and find_checkpoint(run_dir) is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a resumed run keeps its header until its checkpoint is known to fit
-        _write_run_header(config, run_dir, tokenizer, base, data)
-    dp.barrier()
-    return run_dir
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a step whose checkpoint was written; the message says how to resume."""
+
+    def __init__(self, run_dir: Path, step: int, max_steps: int):
+        super().__init__(
+            f"interrupted after step {step} of {max_steps}; checkpoint saved in {run_dir / 'checkpoint'}. "
+            f"Resume with: moedpo train --config {run_dir / 'config.yaml'} --resume"
+        )
+
+
+class StopRequest:
+    """Ctrl-C while training: the step in flight finishes, a checkpoint is written, then training stops
+    (:class:`TrainingInterrupted`); a second Ctrl-C stops at once. In one process only (under torchrun every rank
+    would have to stop at the same step) and from the main thread (where Python delivers signals)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested, self.previous = False, None
+
+    def __enter__(self) -> StopRequest:
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C: the previous handler (KeyboardInterrupt)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _absolute_paths(config: Config) -> None:
@@ -76,21 +83,6 @@ def _absolute_paths(config: Config) -> None:
         value = getattr(getattr(config, section), key)
         if value and Path(value).expanduser().exists():
             setattr(getattr(config, section), key, str(Path(value).expanduser().resolve()))
-
-
-def _write_run_header(config: Config, run_dir: Path, tokenizer, base, data) -> None:
-    save_config(config, run_dir / "config.yaml", notes=(f"em.scope={config.em.scope}; {data.split}",))
-    (run_dir / "users.json").write_text(json.dumps(data.user_ids))
-    data.save(run_dir / DATA_FILE)  # eval, routing and generation need none of the original files
-    if config.model.name_or_path == "scratch" and not (run_dir / "base").exists():
-        # the cache may be cleared: keep the folder the base was loaded from with the run
-        shutil.copytree(base.config.name_or_path, run_dir / "base")
-    if config.model.name_or_path == "builtin" and not (run_dir / "base").exists():
-        # the built-in base is not on any hub: keep it with the run. Rebuilt (deterministic from the seed), since the
-        # bank's adapters are already injected into ``base``
-        tokenizer, base = build_base(config)
-        tokenizer.save_pretrained(run_dir / "base")
-        base.save_pretrained(run_dir / "base")
 
 
 def train(config: Config | str | Path | None = None, resume: bool = False, **overrides) -> Path:
@@ -106,21 +98,35 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     t, dp = config.train, DataParallel()
     resolve_rewards(config)  # a misspelt report.rewards fails now, not after training
     _absolute_paths(config)  # the run directory must work from any working directory
+    run_dir = rundir.output_dir(config, resume, dp.enabled)
+    if dp.is_main:  # before the scratch reference and the data, which can take minutes
+        rundir.check(run_dir, resume, t.overwrite)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    own = Path(t.output_dir)  # --resume trains on the run's own data and base, whatever the config says now
-    run = build_run(config, dp.device(t.device), saved=own if resume and (own / DATA_FILE).exists() else None)
-    run_dir = _prepare_run_dir(config, resume, dp, run.tokenizer, run.base, run.data)
-    if dp.is_main:
-        d = run.data
-        print(
-            f"moedpo: run directory {run_dir}; {len(d.train)} training and {len(d.eval)} held-out pairs, "
-            f"{d.num_truncated} truncated, {d.num_dropped} dropped (prompt >= data.max_length as TRL, or chosen "
-            "equals rejected); "
-            f"em.scope={config.em.scope} over {len(d.user_ids)} annotators; {d.split}",
-            file=sys.stderr,
-            flush=True,
-        )
+    own = run_dir if resume and (run_dir / DATA_FILE).exists() else None  # --resume: the run's own data and base
+    run = build_run(config, dp.device(t.device), saved=own)
+    with rundir.RunLock(run_dir) if dp.is_main else contextlib.nullcontext():
+        if dp.is_main:
+            rundir.prepare(config, run_dir, resume, run.tokenizer, run.base, run.data)
+            _announce(run, run_dir)
+        dp.barrier()
+        return _train(run, run_dir, resume, dp)
+
+
+def _announce(run: Run, run_dir: Path) -> None:
+    d, config = run.data, run.config
+    print(
+        f"moedpo: run directory {run_dir}; {len(d.train)} training and {len(d.eval)} held-out pairs, "
+        f"{d.num_truncated} truncated, {d.num_dropped} dropped (prompt >= data.max_length as TRL, or chosen "
+        f"equals rejected); em.scope={config.em.scope} over {len(d.user_ids)} annotators; {d.split}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
+    """The loop: reference pass, optimizer, (resume), steps with logging, evaluation and checkpoints, artefacts."""
+    config, t = run.config, run.config.train
     _reference_once(run, run_dir, dp)
     params = run.trainable_parameters()
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -135,22 +141,31 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, run.tokenizer.pad_token_id
     plan = BatchPlan.for_examples(run.data.train, user_scope, t.users_per_batch if user_scope else t.batch_size, t.seed)
     progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
-    for step in range(start, t.max_steps):
-        shards = [plan(step * acc + i, dp.shard) for i in range(acc)]  # this process's share; may be empty
-        loss = loop.step(*[collate(examples, pad) if examples else None for examples in shards])
-        if logger is not None and ((step + 1) % t.logging_every == 0 or step + 1 == t.max_steps):
-            metrics = {**loop.metrics, "learning_rate": scheduler.get_last_lr()[0], "world_size": dp.world_size}
-            metrics["epoch"] = (step + 1) * acc / plan.per_epoch
-            if t.eval_every and (step + 1) % t.eval_every == 0 and run.data.eval:
-                metrics.update(evaluate(run, run.data.train, run.data.eval)[0])
-            logger.log(step + 1, metrics)
-        progress.update(step + 1, loss=loss, acc=loop.metrics.get("rewards/accuracies", float("nan")))
-        if dp.is_main and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
-            save_checkpoint(run_dir, step + 1, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict())
+    checkpoint = lambda step: save_checkpoint(  # noqa: E731
+        run_dir, step, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict()
+    )
+    with StopRequest(enabled=not dp.enabled) as stop:
+        for step in range(start, t.max_steps):
+            shards = [plan(step * acc + i, dp.shard) for i in range(acc)]  # this process's share; may be empty
+            loss = loop.step(*[collate(examples, pad) if examples else None for examples in shards])
+            if logger is not None and ((step + 1) % t.logging_every == 0 or step + 1 == t.max_steps):
+                metrics = {**loop.metrics, "learning_rate": scheduler.get_last_lr()[0], "world_size": dp.world_size}
+                metrics["epoch"] = (step + 1) * acc / plan.per_epoch
+                if t.eval_every and (step + 1) % t.eval_every == 0 and run.data.eval:
+                    metrics.update(evaluate(run, run.data.train, run.data.eval)[0])
+                logger.log(step + 1, metrics)
+            progress.update(step + 1, loss=loss, acc=loop.metrics.get("rewards/accuracies", float("nan")))
+            periodic = t.checkpoint_every and (step + 1) % t.checkpoint_every == 0
+            if dp.is_main and step + 1 < t.max_steps and (periodic or stop.requested):
+                checkpoint(step + 1)
+            if stop.requested and step + 1 < t.max_steps:
+                progress.close()
+                logger.close()
+                raise TrainingInterrupted(run_dir, step + 1, t.max_steps)
     progress.close()
     if dp.is_main:
         logger.close()
-        save_checkpoint(run_dir, t.max_steps, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict())
+        checkpoint(t.max_steps)
         _save_artefacts(run, run_dir)
         if t.dpo_baseline and config.experts.num_experts > 1:
             _train_dpo_baseline(config, run_dir)

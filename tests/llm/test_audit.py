@@ -140,7 +140,6 @@ def test_user_features_the_gate_cannot_read_are_refused(tmp_path, capsys, proble
         "sft.weight_decay=0.1",
         "data.max_prompt_length=4",
         "data.truncation_mode=keep_end",
-        "sft.completion_only_loss=false",
     ],
 )
 def test_scratch_cache_key_covers_every_setting_that_shapes_the_build(tmp_path, monkeypatch, change):
@@ -158,7 +157,9 @@ def test_scratch_cache_key_covers_every_setting_that_shapes_the_build(tmp_path, 
     base = ["model.name_or_path=scratch", *SMALL]
     first = load_config(overrides=base)
     folder = scratch.scratch_reference(first, reference_rows(first))
-    again = load_config(overrides=[*base, "sft.output_dir=elsewhere", "sft.logging_steps=3", "sft.save_steps=7"])
+    unchanged = ["sft.output_dir=elsewhere", "sft.logging_steps=3", "sft.save_steps=7"]
+    unchanged.append("sft.completion_only_loss=false")  # a scratch build always learns the prompts too
+    again = load_config(overrides=[*base, *unchanged])
     assert scratch.scratch_reference(again, reference_rows(again)) == folder and len(built) == 1
     changed = load_config(overrides=[*base, change])
     assert scratch.scratch_reference(changed, reference_rows(changed)) != folder and len(built) == 2

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from moedpo.assembly.base import build_base
 from moedpo.assembly.components import build_bank, build_gate, build_guide, gate_feature_dim, resolve_latent_model
 from moedpo.assembly.data import prepare_data
-from moedpo.config import Config, load_config
+from moedpo.config import Config, ConfigError, load_config
 from moedpo.data import reviews_world
+from moedpo.data.batching import by_annotator
 from moedpo.data.prepared import PreparedData
 from moedpo.experts.loading import resolve_device
 from moedpo.models.gates import Router
@@ -63,12 +64,23 @@ def build_run(config: Config, device: torch.device, saved: Path | None = None) -
         data = PreparedData.load(saved / DATA_FILE)
     else:
         data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
+    _check_num_experts(config, data)
     bank = build_bank(config, base, device)
     gate = build_gate(config, gate_feature_dim(config, base, data), len(data.user_ids), data.user_feature_dim)
     guide = build_guide(config, base)
     if isinstance(guide, torch.nn.Module):
         guide = guide.to(bank.device)
     return Run(config, tokenizer, base, data, bank, gate.to(bank.device), model, guide)
+
+
+def _check_num_experts(config: Config, data: PreparedData) -> None:
+    """In user scope each type needs annotators of its own: K above their number cannot be identified."""
+    annotators = len(by_annotator(data.train))
+    if config.em.scope == "user" and config.experts.num_experts > annotators:
+        raise ConfigError(
+            f"experts.num_experts={config.experts.num_experts}, but the data has {annotators} training annotators: "
+            f"at most {annotators} types can be told apart; set experts.num_experts to {annotators} or fewer"
+        )
 
 
 def open_run(run_dir: str | Path) -> Run:

@@ -78,8 +78,6 @@ def build_gate(config: Config, feature_dim: int, num_users: int, user_feature_di
     elif g.type == "mlp":
         net = MLPGate(feature_dim, k, hidden=g.hidden)
     else:
-        if g.user_features and not user_feature_dim:
-            raise ConfigError("gate.user_features=true, but the data has no user_features column")
         net = UserGate(
             k, num_users=num_users, user_feature_dim=user_feature_dim if g.user_features else 0, hidden=g.hidden
         )

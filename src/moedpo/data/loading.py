@@ -65,8 +65,9 @@ def load_preference_rows(source: str, split: str = "train") -> list[PreferenceRo
     if path.is_file():
         records = _read_records(path)
         name = str(path)
-    elif path.suffix.lower() in SUFFIXES:
-        raise FileNotFoundError(f"{source}: no such file (expected a local {path.suffix} file)")
+    elif path.suffix:  # a name with a file extension is a file, never a hub dataset
+        kind = f"a local {path.suffix} file" if path.suffix.lower() in SUFFIXES else f"a local file, one of {SUFFIXES}"
+        raise FileNotFoundError(f"{source}: no such file (expected {kind}; a datasets hub name has no extension)")
     else:
         import datasets
 

@@ -97,3 +97,9 @@ def check_model_name(name: str) -> None:
     if (looks_local or path.exists()) and not path.is_dir():
         what = "a file, not a model folder" if path.exists() else "no such folder"
         raise ConfigError(f"model.name_or_path={name!r}: {what} (expected a folder with config.json, or a hub name)")
+    if path.is_dir() and (path / "config.yaml").exists() and not (path / "config.json").exists():
+        base = f"{path / 'base'}" if (path / "base").exists() else "the model.name_or_path in its config.yaml"
+        raise ConfigError(
+            f"model.name_or_path={name!r}: a moedpo run directory, not a model folder. Its base model is {base}; "
+            f"continue the run with `moedpo train --config {path / 'config.yaml'} --resume`"
+        )

@@ -23,8 +23,9 @@ from moedpo.data.formats import PreferenceRow
 from moedpo.reference.finetune import fine_tune
 
 SPECIAL = ["<pad>", "<s>", "</s>"]
-# sft.* keys that do not change the model a build makes: where it is written, and how often it logs or saves
-NOT_IN_KEY = ("output_dir", "save_steps", "logging_steps")
+# sft.* keys that do not change the model a build makes: where it is written, how often it logs or saves, and
+# completion_only_loss (a scratch build always learns the prompts too)
+NOT_IN_KEY = ("output_dir", "save_steps", "logging_steps", "completion_only_loss")
 
 
 def cache_root() -> Path:
