@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from moedpo.config import ConfigError
-from moedpo.data.formats import PreferenceRow, normalise_row
 from moedpo.data.loading import load_preference_rows
-from moedpo.data.sources import tokenize_data
+from moedpo.data.sources import normalised, tokenize_data
 from moedpo.eval.evaluate import bank_margins, gate_batch, latent_posterior
 from moedpo.runs import Personalization
 from moedpo.session import RunSession
@@ -73,7 +72,7 @@ def personalize(run_dir, pairs, user: str | None = None, save: bool = True) -> P
         rows = load_preference_rows(source, session.config.data.split)
     else:
         source = "<rows>"
-        rows = [r if isinstance(r, PreferenceRow) else normalise_row(r, source, i) for i, r in enumerate(pairs)]
+        rows = normalised(pairs, source)
     if not rows:
         raise ConfigError(f"{source}: no pairs")
     named = {r.user_id for r in rows if r.user_id is not None}

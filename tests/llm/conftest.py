@@ -10,6 +10,7 @@ import random
 import pytest
 
 from moedpo.data.builtin import A_WORDS, B_WORDS, NEUTRAL, tiny_causal_lm, train_tokenizer, vocabulary
+from moedpo.inference import VariationalEM
 
 HH_WORDS = "what why how is it the sky sun sea blue green red yes no sure thing maybe please help me you can".split()
 LLAMA3_CHAT = (
@@ -98,3 +99,24 @@ def chat_tokenizer():
 @pytest.fixture
 def tiny_model(tokenizer):
     return tiny_causal_lm(len(tokenizer), hidden_size=32, num_layers=2, seed=0, pad_token_id=tokenizer.pad_token_id)
+
+
+def _crash():
+    raise KeyboardInterrupt("simulated crash")
+
+
+@pytest.fixture
+def at_step(monkeypatch):
+    """``at_step(n, action=crash)``: run ``action()`` as ``VariationalEM.step`` begins step n (its 0-based
+    ``num_steps``): a simulated crash by default, or e.g. a signal. ``monkeypatch.undo()`` restores the loop."""
+    original = VariationalEM.step
+
+    def hook(n: int, action=_crash):
+        def step(self, *batches):
+            if self.num_steps == n:
+                action()
+            return original(self, *batches)
+
+        monkeypatch.setattr(VariationalEM, "step", step)
+
+    return hook

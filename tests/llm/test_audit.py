@@ -17,7 +17,6 @@ from moedpo.config import ConfigError, load_config
 from moedpo.data.builtin import make_builtin_rows
 from moedpo.data.sources import reference_rows
 from moedpo.eval.evaluate import bank_margins
-from moedpo.inference import VariationalEM
 from moedpo.personalize import personalize, tokenize_for_run
 from moedpo.reference import finetune, scratch
 from moedpo.runs import Personalization, load_personalization, personalization_path
@@ -184,22 +183,15 @@ def test_personalization_files_of_distinct_names_never_collide(tmp_path):
     assert load_personalization(tmp_path, "..").user == ".."
 
 
-def test_gumbel_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+def test_gumbel_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, at_step):
     """``gumbel`` draws each step's expert from the torch RNG: a resumed run matches only if the checkpoint's RNG
     state is restored (the kill -9 test runs ``em``, which draws nothing)."""
     steps = ["em.schedule=gumbel", "train.max_steps=6", "train.checkpoint_every=3", "experts.init_std=0.3"]
     reference = train(config(tmp_path, *steps, name="whole"))
-    original = VariationalEM.step
-
-    def crash_at_five(self, *batches):
-        if self.num_steps == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, *batches)
-
-    monkeypatch.setattr(VariationalEM, "step", crash_at_five)
+    at_step(4)  # a crash as step 5 begins
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path, *steps, name="crashed"))
-    monkeypatch.setattr(VariationalEM, "step", original)
+    monkeypatch.undo()
     resumed = train(config(tmp_path, *steps, name="crashed"), resume=True)
     expected, got = (load_file(r / "checkpoint/params.safetensors") for r in (reference, resumed))
     assert expected.keys() == got.keys()

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from moedpo import runs
 from moedpo.cli import main
-from moedpo.inference import VariationalEM
 from moedpo.reference import scratch
 from moedpo.rundir import RunLock
 
@@ -75,19 +74,12 @@ def test_a_second_training_on_a_locked_run_directory_is_refused(tmp_path, capsys
     assert not (busy / "theirs.txt").exists()  # once free, overwrite replaces it
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys, monkeypatch, at_step):
     steps = ["train.max_steps=6", "train.checkpoint_every=0", "em.schedule=gumbel", "experts.init_std=0.3"]
     assert run(capsys, "train", *SMALL, *steps, f"train.output_dir={tmp_path / 'whole'}")[0] == 0
-    original = VariationalEM.step
-
-    def ctrl_c_during_step_three(self, *batches):
-        if self.num_steps == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step finishes first
-        return original(self, *batches)
-
-    monkeypatch.setattr(VariationalEM, "step", ctrl_c_during_step_three)
+    at_step(2, lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C as step 3 begins: the step finishes first
     code, err = run(capsys, "train", *SMALL, *steps, f"train.output_dir={tmp_path / 'cut'}")
-    monkeypatch.setattr(VariationalEM, "step", original)
+    monkeypatch.undo()
     config = tmp_path / "cut" / "config.yaml"
     assert code == 130 and "after step 3 of 6" in err and f"moedpo train --config {config} --resume" in err
     assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 3

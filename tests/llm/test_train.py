@@ -253,25 +253,16 @@ def test_generation_uses_the_chat_template_of_a_conversational_run(tmp_path):
     assert session.tokenizer.decode(templated).endswith("assistant :")
 
 
-def test_routed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+def test_routed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, at_step):
     """Guide-routed sparse training: the guide's draws, its parameters and the score-function baselines all come
     back from the checkpoint (a crash at step 10 of 12, checkpoint at 8)."""
-    from moedpo.inference import VariationalEM
-
     steps = ["train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=0"]
     routed = ["em.schedule=routed", "em.guide=amortized", "em.exact_every=3", "em.exact_warmup=2", *steps]
     reference = train(config(tmp_path, *routed, name="uninterrupted"))
-    original = VariationalEM.step
-
-    def crash_at_ten(self, *batches):
-        if self.num_steps == 9:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, *batches)
-
-    monkeypatch.setattr(VariationalEM, "step", crash_at_ten)
+    at_step(9)  # a crash as step 10 begins
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path, *routed, name="crashed"))
-    monkeypatch.setattr(VariationalEM, "step", original)
+    monkeypatch.undo()
     assert json.loads((tmp_path / "crashed" / "checkpoint" / "loop.json").read_text())["baseline"]["per_unit"]
     resumed = train(config(tmp_path, *routed, name="crashed"), resume=True)
     expected = load_file(reference / "checkpoint/params.safetensors")

@@ -33,8 +33,9 @@ def source_rows(config: Config, source: str) -> list[PreferenceRow]:
     return load_preference_rows(source, config.data.split)
 
 
-def normalised(records: list[dict], source: str) -> list[PreferenceRow]:
-    return [normalise_row(r, source, i) for i, r in enumerate(records)]
+def normalised(records: list, source: str) -> list[PreferenceRow]:
+    """Records in TRL's formats (or rows already read) as checked PreferenceRows; errors name ``source``'s row."""
+    return [r if isinstance(r, PreferenceRow) else normalise_row(r, source, i) for i, r in enumerate(records)]
 
 
 def reference_rows(config: Config) -> list[PreferenceRow]:
@@ -64,9 +65,8 @@ def tokenize_data(
 ) -> Tokenized:
     """TRL-exact tokenization of ``rows`` (PreferenceRows, or records in TRL's formats) with the ``data.*``
     options: ``max_length``, ``max_prompt_length``, ``truncation_mode``."""
-    rows = [r if isinstance(r, PreferenceRow) else normalise_row(r, source, i) for i, r in enumerate(rows)]
     return tokenize_rows(
-        rows,
+        normalised(rows, source),
         tokenizer,
         source=source,
         max_length=data.max_length,
