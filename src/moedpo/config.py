@@ -35,6 +35,7 @@ class DataConfig:
     pairs_per_annotator: int = 40  # built-in worlds (30 train + 10 held-out pairs each with eval_fraction 0.25)
     objectives: list | None = None  # reviews: the annotator types (default: sentiment, informativeness, grammar)
     pretrain_reviews: int = 3000  # reviews: unlabelled reviews a scratch reference is pretrained on
+    allow_unknown_tokens: bool = False  # train although over 2% of the tokens are the tokenizer's unknown token
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """A newcomer's mistakes with the run directory and the command line end in one named error (exit 2) with nothing
-half-written, and Ctrl-C stops after a checkpoint with the command that resumes it (issue 19, items 3 and 4)."""
+half-written, Ctrl-C stops after a checkpoint with the command that resumes it, and text the tokenizer cannot read
+is refused (issue 19, items 1, 3 and 4)."""
 
 import errno
 import json
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from moedpo import runs
 from moedpo.cli import main
+from moedpo.data.reviews import make_review_rows
 from moedpo.reference import scratch
 from moedpo.rundir import RunLock
 
@@ -101,3 +103,16 @@ def test_a_full_disk_says_what_to_do_and_resume_says_how_to_start_over(tmp_path,
     code, err = run(capsys, "train", "--config", str(tmp_path / "r" / "config.yaml"), "--resume")
     assert code == 2 and "no complete checkpoint" in err and "train.overwrite=true" in err
     assert run(capsys, *args, "train.overwrite=true")[0] == 0  # the command it names starts the run over
+
+
+def test_own_text_on_the_builtin_model_is_refused_with_the_share_of_unknown_tokens(tmp_path, capsys):
+    """The built-in world's 60-word tokenizer maps a user's natural text to <unk>: it used to train on lengths alone
+    and report ARI 1.0."""
+    rows = make_review_rows(annotators_per_type=2, pairs_per_annotator=3)
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", f"data.source={path}", *SMALL, "train.max_steps=1"]
+    code, err = run(capsys, *args, f"train.output_dir={tmp_path / 'r'}")
+    share = int(err.split("% of the tokens")[0].rsplit(" ", 1)[-1]) if "% of the tokens" in err else 0
+    assert code == 2 and share > 50 and "model.name_or_path=scratch" in err and not (tmp_path / "r").exists()
+    assert run(capsys, *args, "data.allow_unknown_tokens=true", f"train.output_dir={tmp_path / 'ok'}")[0] == 0

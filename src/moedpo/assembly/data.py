@@ -8,7 +8,7 @@ from moedpo.assembly.base import base_name
 from moedpo.config import Config, ConfigError
 from moedpo.data.encoder import encode_prompts, load_encoder
 from moedpo.data.formats import PreferenceRow
-from moedpo.data.prepared import PreparedData, held_out_split, user_feature_width
+from moedpo.data.prepared import PreparedData, held_out_split, unknown_token_share, user_feature_width
 from moedpo.data.sources import SAMPLED_SOURCES, check_consistent, normalised, source_rows, tokenize_data
 from moedpo.reference.reviews import annotated_rows
 
@@ -31,6 +31,7 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     rows = load_rows(config, d.source)
     check_consistent(rows, d.source)
     tokenized = tokenize_data(rows, tokenizer, d, source=d.source)
+    _check_known_tokens(config, tokenizer, tokenized.examples)
     if d.eval_source:
         held = tokenize_data(load_rows(config, d.eval_source), tokenizer, d, source=d.eval_source,
                              user_ids=tokenized.user_ids)  # fmt: skip
@@ -59,6 +60,21 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     if config.gate.user_features and not width:
         raise ConfigError(_feature_problem(train + evaluation, d.source))
     return PreparedData(train, evaluation, users, truncated, width or 0, dropped, rows[0].conversational, split)
+
+
+UNKNOWN_LIMIT = 0.02  # more of the text than this as <unk>, and a model learns from lengths, not words
+
+
+def _check_known_tokens(config: Config, tokenizer, examples: list[dict]) -> None:
+    """Refuse data the tokenizer cannot read (the built-in world's 60-word tokenizer on a user's own text)."""
+    share = unknown_token_share(examples, tokenizer.unk_token_id)
+    if share > UNKNOWN_LIMIT and not config.data.allow_unknown_tokens:
+        raise ConfigError(
+            f"{config.data.source}: {share:.0%} of the tokens are {tokenizer.unk_token!r} (unknown) for the tokenizer "
+            f"of model.name_or_path={config.model.name_or_path}: the model would learn from lengths, not words. Use "
+            "model.name_or_path=scratch (a tokenizer and small model trained on your text), a local model folder or "
+            "a hub name; or data.allow_unknown_tokens=true to train anyway"
+        )
 
 
 def _feature_problem(examples: list[dict], source: str) -> str:

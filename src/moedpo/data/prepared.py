@@ -58,6 +58,15 @@ def held_out_split(examples: list[dict], by_user: bool, fraction: float, seed: i
     return sorted(train, key=lambda e: e["index"]), sorted(held_out, key=lambda e: e["index"])
 
 
+def unknown_token_share(examples: list[dict], unk_token_id: int | None) -> float:
+    """The share of prompt and completion token ids that are the tokenizer's unknown token (0 without one)."""
+    if unk_token_id is None:
+        return 0.0
+    keys = ("prompt_chosen_ids", "chosen_ids", "rejected_ids")
+    ids = [i for e in examples for key in keys for i in e[key]]
+    return sum(i == unk_token_id for i in ids) / max(1, len(ids))
+
+
 def user_feature_width(examples: list[dict]) -> int | None:
     """The width of the ``user_features`` column: 0 when no example has one, None when some lack it or widths
     differ (a gate cannot read them)."""
