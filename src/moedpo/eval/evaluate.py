@@ -76,7 +76,7 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
     beta, k = config.em.beta, config.experts.num_experts
     test = bank_margins(run.bank, held_out, pad)
     h = test["h"]
-    details = {"expert_chosen_logps": test["chosen_logps"], "expert_rejected_logps": test["rejected_logps"]}
+    details = {"expert_chosen_logps": test["chosen_logps"], "expert_rejected_logps": test["rejected_logps"], "h": h}
     logits, extra = run.gate.logits(gate_batch(held_out), test["features"].to(run.bank.device))
     prior = torch.softmax(logits, -1).cpu()
     prior = prior[extra["user_index"].cpu()] if "user_index" in extra else prior  # (N, K): w(x, u) per pair

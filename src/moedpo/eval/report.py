@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from moedpo.config import ConfigError
 from moedpo.data.reviews_world import held_out_prompts
 from moedpo.eval.evaluate import evaluate, user_posteriors
+from moedpo.eval.found import found_lines, write_assignments
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.eval.rewards import checks, resolve_rewards, reward_table
 from moedpo.runs import GATE_FILE
@@ -121,6 +122,7 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
     lines = [f"# moedpo report: {run_dir.name}", "", f"`{config.data.source}` on `{config.model.name_or_path}`; "
              f"K={config.experts.num_experts} {config.experts.mode} experts, em.scope={config.em.scope}, "
              f"{len(run.data.train)} training and {len(run.data.eval)} held-out pairs.", ""]  # fmt: skip
+    metrics, details = {}, None
     if run.data.eval:
         metrics, details = evaluate(run, run.data.train, run.data.eval)
         metrics.update({"data/num_truncated": run.data.num_truncated, "data/num_dropped": run.data.num_dropped})
@@ -130,6 +132,9 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         lines += ["", "![training curves](training.png)", ""]
     # the training annotators' posteriors (K expert passes over every training pair): once, for both sections
     posteriors = user_posteriors(run, run.data.train) if config.em.scope == "user" else None
+    found = _found_section(run, run_dir, posteriors, metrics, details)
+    print("\n".join(found), file=sys.stderr, flush=True)
+    lines += found
     lines += _types_section(run, out, posteriors)
     n = config.report.num_prompts if num_prompts is None else num_prompts
     rewards = resolve_rewards(config) if n else {}
@@ -139,6 +144,35 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         lines += _rewards_section(session, rewards, n, run_dir, out, posteriors)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _found_section(run, run_dir: Path, posteriors, metrics: dict, details: dict | None) -> list[str]:
+    """Per expert: its annotators (user scope; also ``assignments.csv``) or held-out pairs (pair scope), their
+    posteriors and held-out accuracy, and the warnings (:mod:`moedpo.eval.found`)."""
+    k, held_out = run.config.experts.num_experts, run.data.eval
+    h = details["h"] if details is not None else None
+    if posteriors is not None:
+        ids, q = posteriors
+        names = [run.data.user_ids[i] for i in ids.tolist()]
+        write_assignments(run_dir / "report" / "assignments.csv", names, q)
+        assigned, unit = q.argmax(-1), "annotators"
+        expert_of = dict(zip(ids.tolist(), assigned.tolist()))
+        pair_expert = torch.tensor([expert_of.get(e["user"], -1) for e in held_out], dtype=torch.long)
+        confidence = q.max(-1).values
+    elif details is not None:
+        pair_expert = assigned = details["weights"].argmax(-1)
+        confidence, unit = details["weights"].max(-1).values, "held-out pairs"
+    else:
+        return []
+    accuracy = [None] * k
+    for j in range(k):
+        rows = pair_expert == j if h is not None else torch.zeros(0, dtype=torch.bool)
+        if bool(rows.any()):
+            accuracy[j] = float((h[rows, j] > 0).float().mean())
+    dpo = run_dir / "dpo" / "report" / "eval.json"
+    dpo_accuracy = json.loads(dpo.read_text())["metrics"].get("eval/rewards/accuracies") if dpo.exists() else None
+    return found_lines(assigned, confidence, accuracy, unit, metrics.get("eval/mixture_nll"),
+                       metrics.get("eval/rewards/accuracies"), dpo_accuracy)  # fmt: skip
 
 
 def recovered_types(run, posteriors=None) -> tuple[list, list[int]] | None:
