@@ -88,7 +88,7 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
         seen = sorted({e["user"] for e in held_out if e["user"] in position})  # the held-out data's annotators
         group_of = {e["user"]: e["group"] for e in held_out}
         groups, posteriors = [group_of[u] for u in seen], q_users[[position[u] for u in seen]]
-        details["user_responsibilities"] = q_users
+        details["user_responsibilities"], details["user_ids"] = q_users, ids
     else:
         weights = prior
         groups = [e["group"] for e in held_out]

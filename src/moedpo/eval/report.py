@@ -130,8 +130,13 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         lines += ["## Held-out pairs", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float) and k.count("/") <= 3]
         lines += ["", "![training curves](training.png)", ""]
-    # the training annotators' posteriors (K expert passes over every training pair): once, for both sections
-    posteriors = user_posteriors(run, run.data.train) if config.em.scope == "user" else None
+    # the training annotators' posteriors (K expert passes over every training pair): once, for every section; the
+    # held-out evaluation computed them already
+    posteriors = None
+    if config.em.scope == "user":
+        known = details is not None and "user_ids" in details
+        posteriors = (details["user_ids"], details["user_responsibilities"]) if known else None
+        posteriors = posteriors or user_posteriors(run, run.data.train)
     found = _found_section(run, run_dir, posteriors, metrics, details)
     print("\n".join(found), file=sys.stderr, flush=True)
     lines += found
