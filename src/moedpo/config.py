@@ -73,6 +73,8 @@ class EMConfig:
     exact_warmup: int = 20  # routed: the first N steps are dense exact EM steps (the experts separate first)
     beta: float = 0.5  # DPO beta: KL strength; reward difference = beta * margin
     label_smoothing: float = 0.0  # robust / conservative DPO link, in [0, 0.5)
+    init: str = "auto"  # data (annotators clustered by their pairs' token contrasts) | symmetric | auto (user: data)
+    init_steps: int = 30  # data init: E-steps whose prior leans on the clusters, with a weight falling to 0
     m_steps: int = 1  # M-step updates per E-step (the learning-rate schedule counts EM steps)
     load_balance: float = 0.0  # weight of the Switch-style load-balancing term on the gate
     usage_entropy: float = 0.0  # weight of -H(mean gate weights): spreads use over experts
@@ -231,6 +233,7 @@ CHOICES = {
     ("gate", "type"): ("fixed", "mlp", "user"),
     ("em", "schedule"): ("em", "svi", "gumbel", "routed"),
     ("em", "scope"): ("user", "pair"),
+    ("em", "init"): ("auto", "data", "symmetric"),
     ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
@@ -249,6 +252,7 @@ def validate(config: Config) -> None:
     checks = [
         (config.experts.num_experts >= 1, "experts.num_experts", "an integer >= 1"),
         (config.em.m_steps >= 1, "em.m_steps", "an integer >= 1"),
+        (config.em.init_steps >= 0, "em.init_steps", "an integer >= 0"),
         (config.em.beta > 0, "em.beta", "a number > 0 (the KL strength; DPO papers use 0.1-0.5)"),
         (0 <= config.em.label_smoothing < 0.5, "em.label_smoothing", "a number in [0, 0.5)"),
         (0 <= config.data.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)"),

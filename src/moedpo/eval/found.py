@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,54 +23,88 @@ def write_assignments(path: Path, names: list[str], q: torch.Tensor) -> None:
             writer.writerow([name, top, f"{row[top]:.4f}", *[f"{p:.4f}" for p in row]])
 
 
-def found_lines(
-    assigned: torch.Tensor,
-    confidence: torch.Tensor,
-    accuracy: list[float | None],
-    unit: str,
-    mixture_nll: float | None = None,
-    mixture_accuracy: float | None = None,
-    dpo_accuracy: float | None = None,
-) -> list[str]:
-    """The section's markdown: per expert, its ``unit``s (count and share), their mean posterior confidence and
-    the expert's held-out accuracy on them; then the warnings. ``assigned`` (N,) top expert per unit,
-    ``confidence`` (N,) its posterior, ``accuracy`` one value (or None: no held-out pairs) per expert."""
-    k = len(accuracy)
+CALIBRATION_GAP = 0.25  # mean posterior confidence above the share its top expert predicts best: overconfident
+START_AGREEMENT = 0.5  # ARI between the data start's clusters and the trained posteriors' assignment
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the warnings read. ``assigned`` (N,) top expert per unit, ``confidence`` (N,) its posterior; the rest
+    None where a run does not have it."""
+
+    assigned: torch.Tensor
+    confidence: torch.Tensor
+    num_experts: int
+    unit: str
+    mixture_nll: float | None = None
+    mixture_accuracy: float | None = None
+    dpo_accuracy: float | None = None
+    calibration: tuple[float, float] | None = None  # (mean confidence, share whose top expert is best held out)
+    start_agreement: float | None = None  # ARI(data start's clusters, trained assignment)
+
+
+def calibration(q: torch.Tensor, ids: torch.Tensor, h: torch.Tensor, users: torch.Tensor, beta: float):
+    """(mean posterior confidence, share of annotators whose top expert also has the highest held-out
+    log-likelihood on their held-out pairs), over annotators with held-out pairs; None without any. A calibrated
+    posterior of confidence c picks the expert that predicts best about a share c of the time."""
+    loglik = torch.nn.functional.logsigmoid(beta * h.double())  # (pairs, K)
+    confident, agree = [], []
+    for row, user in enumerate(ids.tolist()):
+        mine = users == user
+        if bool(mine.any()):
+            confident.append(float(q[row].max()))
+            agree.append(float(int(loglik[mine].mean(0).argmax()) == int(q[row].argmax())))
+    return (sum(confident) / len(confident), sum(agree) / len(agree)) if agree else None
+
+
+def found_lines(evidence: Evidence, accuracy: list[float | None]) -> tuple[list[str], list[dict]]:
+    """The section's markdown and its named diagnostics: per expert, its units (count and share), their mean
+    posterior confidence and the expert's held-out accuracy on them (``accuracy``: one value, or None without
+    held-out pairs, per expert); then one sentence per diagnostic."""
+    assigned, confidence, unit = evidence.assigned, evidence.confidence, evidence.unit
     lines = ["## What was found", "", f"| expert | {unit} | share | mean posterior | held-out accuracy |"]
     lines.append("|---|---|---|---|---|")
-    for j in range(k):
+    for j in range(evidence.num_experts):
         mine = assigned == j
         n = int(mine.sum())
         mean = f"{float(confidence[mine].mean()):.3f}" if n else "-"
         acc = "-" if accuracy[j] is None else f"{accuracy[j]:.3f}"
         lines.append(f"| {j} | {n} | {n / max(1, assigned.numel()):.0%} | {mean} | {acc} |")
-    warnings = _warnings(assigned, confidence, k, unit, mixture_nll, mixture_accuracy, dpo_accuracy)
-    return [*lines, "", *(warnings or ["No sign of weak evidence: every expert serves some, the posteriors are "
-                                       "confident and the held-out mixture NLL is below ln 2."]), ""]  # fmt: skip
+    found = diagnostics(evidence)
+    sentences = [f"**{d['name']}**: {d['message']}" for d in found] or [
+        "No sign of weak evidence: every expert serves some, the posteriors are confident and the held-out mixture "
+        "NLL is below ln 2."
+    ]
+    return [*lines, "", *sentences, ""], found
 
 
-def _warnings(assigned, confidence, k, unit, mixture_nll, mixture_accuracy, dpo_accuracy) -> list[str]:
-    out = []
-    empty = [j for j in range(k) if not bool((assigned == j).any())]
+def diagnostics(e: Evidence) -> list[dict]:
+    """Named signs of weak evidence, each {"name", "message"} with what to change (``eval.json``, report, log)."""
+    out, k, unit = [], e.num_experts, e.unit
+    empty = [j for j in range(k) if not bool((e.assigned == j).any())]
     if empty and k > 1:
-        out.append(
-            f"Expert {', '.join(map(str, empty))} serves no {unit}: the data may hold fewer than K={k} types, or "
-            "training collapsed onto the others; try fewer experts."
-        )
-    mean = float(confidence.mean()) if confidence.numel() else 1.0
+        out.append(("collapse", f"Expert {', '.join(map(str, empty))} serves no {unit}: the data may hold fewer "
+                    f"than K={k} types, or training collapsed onto the others; try fewer experts."))  # fmt: skip
+    mean = float(e.confidence.mean()) if e.confidence.numel() else 1.0
     if k > 1 and mean < (1 + 1 / k) / 2:
-        out.append(
-            f"The posteriors are weak: mean confidence {mean:.2f}, where a coin among {k} gives {1 / k:.2f}. This "
-            "data does not tell the types apart well (more pairs per annotator, or fewer experts, help)."
-        )
-    if mixture_nll is not None and mixture_nll > math.log(2):
-        out.append(
-            f"The held-out mixture NLL {mixture_nll:.3f} is above ln 2 = 0.693, worse than a coin flip: the experts "
-            "are overconfident. Lower train.learning_rate or em.beta, or set em.label_smoothing (e.g. 0.1)."
-        )
-    if None not in (mixture_accuracy, dpo_accuracy) and mixture_accuracy < dpo_accuracy:
-        out.append(
-            f"Held-out accuracy {mixture_accuracy:.3f} is below one DPO policy's ({dpo_accuracy:.3f}, RUN/dpo): the "
-            "mixture does not beat K=1 on this data."
-        )
-    return out
+        out.append(("weak_posteriors", f"The posteriors are weak: mean confidence {mean:.2f}, where a coin among "
+                    f"{k} gives {1 / k:.2f}. This data does not tell the types apart well (more pairs per annotator, "
+                    "or fewer experts, help)."))  # fmt: skip
+    if e.mixture_nll is not None and e.mixture_nll > math.log(2):
+        out.append(("overconfident_experts", f"The held-out mixture NLL {e.mixture_nll:.3f} is above ln 2 = 0.693, "
+                    "worse than a coin flip: the experts are overconfident. Lower train.learning_rate or em.beta, or "
+                    "set em.label_smoothing (e.g. 0.1)."))  # fmt: skip
+    if e.calibration is not None and k > 1 and e.calibration[0] - e.calibration[1] > CALIBRATION_GAP:
+        sure, best = e.calibration
+        out.append(("overconfident_posteriors", f"The posteriors claim {sure:.2f} on average, but an annotator's "
+                    f"top expert predicts its held-out pairs best for only {best:.0%} of them: the assignments are "
+                    "surer than the data allow (fewer training steps or a lower learning rate, more pairs per "
+                    "annotator)."))  # fmt: skip
+    if e.start_agreement is not None and e.start_agreement < START_AGREEMENT:
+        out.append(("start_disagrees", f"The data start's clusters and the trained experts' assignment agree "
+                    f"little (ARI {e.start_agreement:.2f}): the types are not identified by this data, or training "
+                    "drifted from them (a lower learning rate; more pairs per annotator)."))  # fmt: skip
+    if None not in (e.mixture_accuracy, e.dpo_accuracy) and e.mixture_accuracy < e.dpo_accuracy:
+        out.append(("below_dpo", f"Held-out accuracy {e.mixture_accuracy:.3f} is below one DPO policy's "
+                    f"({e.dpo_accuracy:.3f}, RUN/dpo): the mixture does not beat K=1 on this data."))  # fmt: skip
+    return [{"name": name, "message": message} for name, message in out]

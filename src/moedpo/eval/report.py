@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -20,9 +21,10 @@ from matplotlib.figure import Figure
 from moedpo.config import ConfigError
 from moedpo.data.reviews_world import held_out_prompts
 from moedpo.eval.evaluate import evaluate, user_posteriors
-from moedpo.eval.found import found_lines, write_assignments
+from moedpo.eval.found import Evidence, calibration, found_lines, write_assignments
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.eval.rewards import checks, resolve_rewards, reward_table
+from moedpo.inference.start import data_start
 from moedpo.runs import GATE_FILE
 from moedpo.session import RunSession
 
@@ -137,7 +139,10 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         known = details is not None and "user_ids" in details
         posteriors = (details["user_ids"], details["user_responsibilities"]) if known else None
         posteriors = posteriors or user_posteriors(run, run.data.train)
-    found = _found_section(run, run_dir, posteriors, metrics, details)
+    found, named = _found_section(run, run_dir, posteriors, metrics, details)
+    if (out / "eval.json").exists() and run.data.eval:  # the named diagnostics beside the metrics
+        saved = json.loads((out / "eval.json").read_text())
+        (out / "eval.json").write_text(json.dumps({**saved, "diagnostics": named}, indent=1))
     print("\n".join(found), file=sys.stderr, flush=True)
     lines += found
     lines += _types_section(run, out, posteriors)
@@ -168,7 +173,7 @@ def _found_section(run, run_dir: Path, posteriors, metrics: dict, details: dict 
         pair_expert = assigned = details["weights"].argmax(-1)
         confidence, unit = details["weights"].max(-1).values, "held-out pairs"
     else:
-        return []
+        return [], []
     accuracy = [None] * k
     for j in range(k):
         rows = pair_expert == j if h is not None else torch.zeros(0, dtype=torch.bool)
@@ -176,8 +181,24 @@ def _found_section(run, run_dir: Path, posteriors, metrics: dict, details: dict 
             accuracy[j] = float((h[rows, j] > 0).float().mean())
     dpo = run_dir / "dpo" / "report" / "eval.json"
     dpo_accuracy = json.loads(dpo.read_text())["metrics"].get("eval/rewards/accuracies") if dpo.exists() else None
-    return found_lines(assigned, confidence, accuracy, unit, metrics.get("eval/mixture_nll"),
-                       metrics.get("eval/rewards/accuracies"), dpo_accuracy)  # fmt: skip
+    evidence = Evidence(assigned, confidence, k, unit, metrics.get("eval/mixture_nll"),
+                        metrics.get("eval/rewards/accuracies"), dpo_accuracy)  # fmt: skip
+    if posteriors is not None and h is not None:
+        users = torch.tensor([e["user"] for e in held_out], dtype=torch.long)
+        start = _start_clusters(run, posteriors[0])
+        agreement = None if start is None else adjusted_rand_index(start, assigned)
+        evidence = replace(evidence, calibration=calibration(q, ids, h, users, run.config.em.beta),
+                           start_agreement=agreement)  # fmt: skip
+    return found_lines(evidence, accuracy)
+
+
+def _start_clusters(run, ids: torch.Tensor) -> torch.Tensor | None:
+    """The data start's cluster of each annotator ``ids`` (what training began from; None if it did not)."""
+    config = run.config
+    if config.em.init == "symmetric" or config.experts.num_experts == 1:
+        return None
+    start = data_start(run.data.train, config.experts.num_experts, True, config.em.init_steps, config.train.seed)
+    return torch.tensor([start.clusters[("user", u)] for u in ids.tolist()])
 
 
 def recovered_types(run, posteriors=None) -> tuple[list, list[int]] | None:

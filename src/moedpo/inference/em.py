@@ -61,6 +61,7 @@ from moedpo.inference.objectives import (
     sampled_loss,
 )
 from moedpo.inference.penalties import GatePenalty, gate_penalty
+from moedpo.inference.start import Start
 from moedpo.losses.dpo import LOSS_TYPES, dpo_loss, log_likelihood
 from moedpo.models.bt import first_pairs, mixture_bt_model
 from moedpo.models.gates import FixedGate
@@ -110,6 +111,7 @@ class VariationalEM:
         exact_every: int = 0,
         exact_warmup: int = 0,
         baseline_decay: float = 0.8,
+        start: Start | None = None,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
@@ -131,6 +133,7 @@ class VariationalEM:
         self.sync = sync  # moedpo.distributed.DataParallel: sums across processes (None: one process)
         self.exact_every, self.exact_warmup = exact_every, exact_warmup
         self.baseline = SignalBaseline(baseline_decay)  # routed: the score-function term's baselines
+        self.start = start  # a start from the data: the prior of the first E-steps (moedpo.inference.start)
         self.num_steps = 0
         self.metrics: dict[str, float] = {}
 
@@ -185,7 +188,7 @@ class VariationalEM:
         args = (h, gate_logits, self.beta, torch.ones(h.shape[0], dtype=h.dtype, device=h.device))
         kwargs = {"label_smoothing": self.label_smoothing, **extra, **self._guide_inputs(out)}
         if e is None:
-            e = self.e_step(args, kwargs)  # E-step (once; reused by later M-steps)
+            e = self.e_step(self._started(args, batch, extra), kwargs)  # E-step (once; reused by later M-steps)
         loss = self.m_step_loss(e, out, args, kwargs)  # M-step: a sum over the pairs
         guide_elbo = None
         if self.guide is not None:  # the guide follows the exact posterior
@@ -278,6 +281,16 @@ class VariationalEM:
         return {"guide_features": out["guide_features"]} if self.guide is not None and "guide_features" in out else {}
 
     # -- the pieces ----------------------------------------------------------------------------------------------
+    def _started(self, args, batch, extra: dict) -> tuple:
+        """The E-step's arguments with the data start's log prior added to the gate's logits (its first steps
+        only; the gate's own M-step still sees its logits unchanged)."""
+        if self.start is None:
+            return args
+        h, gate_logits = args[:2]
+        keys, _ = unit_keys(batch, extra, gate_logits.shape[0])
+        shift = self.start.log_prior(keys, self.num_steps, gate_logits)
+        return args if shift is None else (h, gate_logits.detach() + shift, *args[2:])
+
     def e_step(self, args, kwargs) -> EStep:
         return e_step(
             self.model, args, kwargs, self.beta, self.label_smoothing, self.max_plate_nesting, self.schedule == "gumbel"
