@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from moedpo import rundir
 from moedpo.assembly import Run, build_run
+from moedpo.assembly.components import build_start
 from moedpo.config import Config, load_config, save_config
 from moedpo.data.batching import BatchPlan
 from moedpo.data.tokenize import collate
@@ -30,7 +31,6 @@ from moedpo.eval.evaluate import evaluate
 from moedpo.eval.report import report
 from moedpo.eval.rewards import resolve_rewards
 from moedpo.inference import VariationalEM
-from moedpo.inference.start import Start, data_start
 from moedpo.progress import Progress
 from moedpo.runs import (
     DATA_FILE,
@@ -218,19 +218,8 @@ def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:
         sync=dp if dp.enabled else None,
         exact_every=em.exact_every,
         exact_warmup=em.exact_warmup,
-        start=_start(run),
+        start=build_start(run.config, run.data),
     )
-
-
-def _start(run: Run) -> Start | None:
-    """em.init=data: the annotators' (or pairs') clusters from the training pairs, the same on every process and
-    on --resume (a function of the data and the seed). ``auto`` uses it in user scope only: one pair's contrast is
-    too noisy to cluster (built-in domain world, pair scope: ARI 0.03 from the data start, 0.92 without)."""
-    config = run.config
-    by_user = config.em.scope == "user"
-    if config.em.init == "symmetric" or (config.em.init == "auto" and not by_user) or config.experts.num_experts == 1:
-        return None
-    return data_start(run.data.train, config.experts.num_experts, by_user, config.em.init_steps, config.train.seed)
 
 
 def _save_artefacts(run: Run, run_dir: Path) -> None:

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from moedpo.assembly.components import build_start
 from moedpo.config import ConfigError
 from moedpo.data.reviews_world import held_out_prompts
 from moedpo.eval.evaluate import evaluate, user_posteriors
 from moedpo.eval.found import Evidence, calibration, found_lines, write_assignments
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.eval.rewards import checks, resolve_rewards, reward_table
-from moedpo.inference.start import data_start
 from moedpo.runs import GATE_FILE
 from moedpo.session import RunSession
 
@@ -185,20 +185,12 @@ def _found_section(run, run_dir: Path, posteriors, metrics: dict, details: dict 
                         metrics.get("eval/rewards/accuracies"), dpo_accuracy)  # fmt: skip
     if posteriors is not None and h is not None:
         users = torch.tensor([e["user"] for e in held_out], dtype=torch.long)
-        start = _start_clusters(run, posteriors[0])
-        agreement = None if start is None else adjusted_rand_index(start, assigned)
+        start = build_start(run.config, run.data)  # what training began from (None: it did not)
+        clusters = None if start is None else torch.tensor([start.clusters[("user", u)] for u in ids.tolist()])
+        agreement = None if clusters is None else adjusted_rand_index(clusters, assigned)
         evidence = replace(evidence, calibration=calibration(q, ids, h, users, run.config.em.beta),
                            start_agreement=agreement)  # fmt: skip
     return found_lines(evidence, accuracy)
-
-
-def _start_clusters(run, ids: torch.Tensor) -> torch.Tensor | None:
-    """The data start's cluster of each annotator ``ids`` (what training began from; None if it did not)."""
-    config = run.config
-    if config.em.init == "symmetric" or config.experts.num_experts == 1:
-        return None
-    start = data_start(run.data.train, config.experts.num_experts, True, config.em.init_steps, config.train.seed)
-    return torch.tensor([start.clusters[("user", u)] for u in ids.tolist()])
 
 
 def recovered_types(run, posteriors=None) -> tuple[list, list[int]] | None:
