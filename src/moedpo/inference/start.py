@@ -38,8 +38,9 @@ def token_contrasts(examples: list[dict], num_tokens: int = NUM_TOKENS) -> torch
     tokens = {t: j for j, (t, _) in enumerate(sorted(differ.items(), key=lambda kv: (-kv[1], kv[0]))[:num_tokens])}
     out = torch.zeros(len(examples), max(len(tokens), 1), dtype=torch.float64)
     for i, (chosen, rejected) in enumerate(counts):
-        for t, j in tokens.items():
-            out[i, j] = chosen[t] - rejected[t]
+        for t in chosen.keys() | rejected.keys():  # the example's own tokens, not all F of them
+            if t in tokens:
+                out[i, tokens[t]] = chosen[t] - rejected[t]
     return out
 
 
