@@ -29,7 +29,10 @@ from moedpo.runs import GATE_FILE
 from moedpo.session import RunSession
 
 
-def write_report(report_dir: Path, metrics: dict, details: dict, examples: list[dict], metrics_path: Path) -> None:
+def write_report(
+    report_dir: Path, metrics: dict, details: dict, examples: list[dict], metrics_path: Path, diagnostics: list[dict]
+) -> None:
+    """``eval.json`` (metrics, the named diagnostics, per-example log-probs and weights) and ``training.png``."""
     report_dir.mkdir(parents=True, exist_ok=True)
     per_example = [
         {
@@ -42,7 +45,8 @@ def write_report(report_dir: Path, metrics: dict, details: dict, examples: list[
         }
         for i, e in enumerate(examples)
     ]
-    (report_dir / "eval.json").write_text(json.dumps({"metrics": metrics, "examples": per_example}, indent=1))
+    saved = {"metrics": metrics, "diagnostics": diagnostics, "examples": per_example}
+    (report_dir / "eval.json").write_text(json.dumps(saved, indent=1))
     _plot(report_dir / "training.png", metrics_path, metrics)
 
 
@@ -128,7 +132,6 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
     if run.data.eval:
         metrics, details = evaluate(run, run.data.train, run.data.eval)
         metrics.update({"data/num_truncated": run.data.num_truncated, "data/num_dropped": run.data.num_dropped})
-        write_report(out, metrics, details, run.data.eval, run_dir / "metrics.jsonl")
         lines += ["## Held-out pairs", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float) and k.count("/") <= 3]
         lines += ["", "![training curves](training.png)", ""]
@@ -140,9 +143,8 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         posteriors = (details["user_ids"], details["user_responsibilities"]) if known else None
         posteriors = posteriors or user_posteriors(run, run.data.train)
     found, named = _found_section(run, run_dir, posteriors, metrics, details)
-    if (out / "eval.json").exists() and run.data.eval:  # the named diagnostics beside the metrics
-        saved = json.loads((out / "eval.json").read_text())
-        (out / "eval.json").write_text(json.dumps({**saved, "diagnostics": named}, indent=1))
+    if run.data.eval:  # eval.json holds the named diagnostics beside the metrics
+        write_report(out, metrics, details, run.data.eval, run_dir / "metrics.jsonl", named)
     print("\n".join(found), file=sys.stderr, flush=True)
     lines += found
     lines += _types_section(run, out, posteriors)
