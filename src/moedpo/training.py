@@ -130,7 +130,7 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
     _reference_once(run, run_dir, dp)
     params = run.trainable_parameters()
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = lr_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
+    scheduler = lr_scheduler(optimizer, t.lr_scheduler_type, t.warmup_steps, t.max_steps)
     loop = _em_loop(run, optimizer, scheduler, dp)
     start = load_checkpoint(find_checkpoint(run_dir), params, run.gate, optimizer, scheduler, loop) if resume else 0
     loop.num_steps = start
@@ -139,7 +139,8 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
 
     logger = MetricsLogger(run_dir, resume_step=start if resume else None) if dp.is_main else None
     user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, run.tokenizer.pad_token_id
-    plan = BatchPlan.for_examples(run.data.train, user_scope, t.users_per_batch if user_scope else t.batch_size, t.seed)
+    per_batch = t.users_per_batch if user_scope else t.per_device_train_batch_size * dp.world_size  # global batch
+    plan = BatchPlan.for_examples(run.data.train, user_scope, per_batch, t.seed)
     progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
     checkpoint = lambda step: save_checkpoint(  # noqa: E731
         run_dir, step, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict()
@@ -148,14 +149,14 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
         for step in range(start, t.max_steps):
             shards = [plan(step * acc + i, dp.shard) for i in range(acc)]  # this process's share; may be empty
             loss = loop.step(*[collate(examples, pad) if examples else None for examples in shards])
-            if logger is not None and ((step + 1) % t.logging_every == 0 or step + 1 == t.max_steps):
+            if logger is not None and ((step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps):
                 metrics = {**loop.metrics, "learning_rate": scheduler.get_last_lr()[0], "world_size": dp.world_size}
                 metrics["epoch"] = (step + 1) * acc / plan.per_epoch
-                if t.eval_every and (step + 1) % t.eval_every == 0 and run.data.eval:
+                if t.eval_steps and (step + 1) % t.eval_steps == 0 and run.data.eval:
                     metrics.update(evaluate(run, run.data.train, run.data.eval)[0])
                 logger.log(step + 1, metrics)
             progress.update(step + 1, loss=loss, acc=loop.metrics.get("rewards/accuracies", float("nan")))
-            periodic = t.checkpoint_every and (step + 1) % t.checkpoint_every == 0
+            periodic = t.save_steps and (step + 1) % t.save_steps == 0
             if dp.is_main and step + 1 < t.max_steps and (periodic or stop.requested):
                 checkpoint(step + 1)
             if stop.requested and step + 1 < t.max_steps:

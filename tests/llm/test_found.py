@@ -10,7 +10,7 @@ from moedpo.cli import main
 from moedpo.data.builtin import make_builtin_rows
 from moedpo.eval.found import found_lines
 
-SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=8", "train.eval_every=0"]
+SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=8", "train.eval_steps=0"]
 
 
 def test_found_lines_by_hand():
