@@ -48,11 +48,14 @@ def test_run_directory_contract(tmp_path):
         "expert_0/rewards/margins",
         "expert_0/rewards/accuracies",
         "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "expert_1/logps/chosen",
         "learning_rate",
         "grad_norm",
     ):
         assert key in rows[-1], key
-    assert "eval/ari" in rows[2] and "eval/expert_1/rewards/accuracies" in rows[5]
+    assert "eval/ari" in rows[2] and "eval/expert_1/rewards/accuracies" in rows[5] and "eval/logps/chosen" in rows[2]
     assert "em/elbo" not in rows[-1] and "em/marginal_nll" not in rows[-1]  # = loss at the exact posterior
     assert load_config(run / "config.yaml").train.max_steps == 6  # the resolved config reloads
     final = json.loads((run / "report" / "eval.json").read_text())["metrics"]
