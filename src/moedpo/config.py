@@ -100,6 +100,7 @@ class TrainConfig:
     eval_steps: int = 50  # held-out evaluation every N steps (0: only at the end; TRL's name; was eval_every)
     save_steps: int = 25  # checkpoint for --resume every N steps (0: only at the end; was checkpoint_every)
     logging_steps: int = 1  # metrics.jsonl line every N steps (TRL's name; was logging_every)
+    report_to: Any = "none"  # also log to: none | tensorboard | wandb | trackio | all (installed), or a list
     dpo_baseline: bool = False  # also train one DPO policy (K=1) on the same data, in RUN/dpo, for the report
 
 
@@ -149,6 +150,27 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+def report_to_names(value) -> list[str]:
+    """``train.report_to`` as a list: [] for none, ["all"], or tracker names (a list, or a comma-separated string)."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    names = [str(n).strip() for n in names if str(n).strip()] if all(isinstance(n, str) for n in names) else None
+    if names in (["none"], []):
+        return []
+    if names == ["all"]:
+        return names
+    if names is None or not set(names) <= set(TRACKERS):
+        raise ConfigError(
+            f"train.report_to={value!r}: expected none, all, or some of {', '.join(TRACKERS)} "
+            "(a YAML list, or comma-separated: train.report_to=tensorboard,wandb)"
+        )
+    return list(dict.fromkeys(names))
 
 
 def _accepted(section) -> str:
@@ -315,6 +337,7 @@ def validate(config: Config) -> None:
         if not ok:
             value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
             raise ConfigError(f"{key}={value!r}: expected {expected}")
+    report_to_names(config.train.report_to)
     if config.train.loss_type != "sigmoid" and config.em.schedule != "em":
         raise ConfigError(f"train.loss_type={config.train.loss_type!r} needs em.schedule=em (the q-weighted TRL loss)")
     em = config.em

@@ -42,34 +42,6 @@ def lr_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s, f=f: f(s + 1) for f in shape.lr_lambdas])
 
 
-class MetricsLogger:
-    """JSONL metrics (one object per step) plus TensorBoard when it is installed."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():  # drop what the killed run logged after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.tensorboard = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            pass
-
-    def log(self, step: int, metrics: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tensorboard is not None:
-            for key, value in metrics.items():
-                self.tensorboard.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

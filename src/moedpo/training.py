@@ -36,13 +36,13 @@ from moedpo.runs import (
     GATE_FILE,
     GUIDE_FILE,
     REFERENCE_FILE,
-    MetricsLogger,
     find_checkpoint,
     load_checkpoint,
     lr_scheduler,
     save_checkpoint,
 )
 from moedpo.session import RunSession
+from moedpo.tracking import MetricsLogger, resolve_report_to
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -97,6 +97,7 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         raise ValueError("pass overrides with a config path or None, or edit the Config object")
     t, dp = config.train, DataParallel()
     resolve_rewards(config)  # a misspelt report.rewards fails now, not after training
+    resolve_report_to(t.report_to)  # and a tracker that is not installed
     _absolute_paths(config)  # the run directory must work from any working directory
     run_dir = rundir.output_dir(config, resume, dp.enabled)
     if dp.is_main:  # before the scratch reference and the data, which can take minutes
@@ -137,7 +138,10 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
     if resume and dp.is_main:  # only now that the checkpoint fits: record the continued run's config
         save_config(config, run_dir / "config.yaml", notes=(f"em.scope={config.em.scope}; {run.data.split}",))
 
-    logger = MetricsLogger(run_dir, resume_step=start if resume else None) if dp.is_main else None
+    logger = None
+    if dp.is_main:
+        trackers, resume_step = resolve_report_to(t.report_to), start if resume else None
+        logger = MetricsLogger(run_dir, resume_step, trackers, config.to_dict())
     user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, run.tokenizer.pad_token_id
     per_batch = t.users_per_batch if user_scope else t.per_device_train_batch_size * dp.world_size  # global batch
     plan = BatchPlan.for_examples(run.data.train, user_scope, per_batch, t.seed)
