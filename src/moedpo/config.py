@@ -101,6 +101,9 @@ class TrainConfig:
     save_steps: int = 25  # checkpoint for --resume every N steps (0: only at the end; was checkpoint_every)
     logging_steps: int = 1  # metrics.jsonl line every N steps (TRL's name; was logging_every)
     report_to: Any = "none"  # also log to: none | tensorboard | wandb | trackio | all (installed), or a list
+    load_best_model_at_end: bool = False  # end with the parameters of the best held-out evaluation (RUN/best/)
+    metric_for_best_model: str | None = None  # an eval/ metric of moedpo eval (prefix optional); empty: mixture_nll
+    greater_is_better: bool | None = None  # empty: lower is better for names ending in loss or nll, else higher
     dpo_baseline: bool = False  # also train one DPO policy (K=1) on the same data, in RUN/dpo, for the report
 
 
@@ -338,6 +341,12 @@ def validate(config: Config) -> None:
             value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
             raise ConfigError(f"{key}={value!r}: expected {expected}")
     report_to_names(config.train.report_to)
+    if config.train.load_best_model_at_end and not config.train.eval_steps:
+        raise ConfigError("train.load_best_model_at_end=true compares held-out evaluations: set train.eval_steps > 0")
+    if config.train.load_best_model_at_end and not (config.data.eval_fraction or config.data.eval_source):
+        raise ConfigError(
+            "train.load_best_model_at_end=true needs held-out pairs: data.eval_fraction > 0 or data.eval_source"
+        )
     if config.train.loss_type != "sigmoid" and config.em.schedule != "em":
         raise ConfigError(f"train.loss_type={config.train.loss_type!r} needs em.schedule=em (the q-weighted TRL loss)")
     em = config.em

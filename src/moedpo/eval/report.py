@@ -23,11 +23,14 @@ from moedpo.eval.evaluate import evaluate, user_posteriors
 from moedpo.eval.found import found_lines, write_assignments
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.eval.rewards import checks, resolve_rewards, reward_table
-from moedpo.runs import GATE_FILE
+from moedpo.runs import BEST, GATE_FILE, find_checkpoint
 from moedpo.session import RunSession
 
 
-def write_report(report_dir: Path, metrics: dict, details: dict, examples: list[dict], metrics_path: Path) -> None:
+def write_report(
+    report_dir: Path, metrics: dict, details: dict, examples: list[dict], metrics_path: Path, kept: dict | None = None
+) -> None:
+    """``eval.json`` and ``training.png``; ``kept``: the step ``train.load_best_model_at_end`` kept (``best_model``)."""
     report_dir.mkdir(parents=True, exist_ok=True)
     per_example = [
         {
@@ -40,7 +43,8 @@ def write_report(report_dir: Path, metrics: dict, details: dict, examples: list[
         }
         for i, e in enumerate(examples)
     ]
-    (report_dir / "eval.json").write_text(json.dumps({"metrics": metrics, "examples": per_example}, indent=1))
+    summary = {"metrics": metrics, **({"best_model": kept} if kept else {}), "examples": per_example}
+    (report_dir / "eval.json").write_text(json.dumps(summary, indent=1))
     _plot(report_dir / "training.png", metrics_path, metrics)
 
 
@@ -126,8 +130,13 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
     if run.data.eval:
         metrics, details = evaluate(run, run.data.train, run.data.eval)
         metrics.update({"data/num_truncated": run.data.num_truncated, "data/num_dropped": run.data.num_dropped})
-        write_report(out, metrics, details, run.data.eval, run_dir / "metrics.jsonl")
-        lines += ["## Held-out pairs", "", "| metric | value |", "|---|---|"]
+        kept = _kept_step(run_dir, config)
+        write_report(out, metrics, details, run.data.eval, run_dir / "metrics.jsonl", kept)
+        lines += ["## Held-out pairs", ""]
+        if kept:
+            lines += [f"Parameters of step {kept['step']} of {config.train.max_steps} (train.load_best_model_at_end: "
+                      f"best {kept['metric']}, {kept['value']:.4g}).", ""]  # fmt: skip
+        lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float) and k.count("/") <= 3]
         lines += ["", "![training curves](training.png)", ""]
     # the training annotators' posteriors (K expert passes over every training pair): once, for every section; the
@@ -149,6 +158,14 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         lines += _rewards_section(session, rewards, n, run_dir, out, posteriors)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _kept_step(run_dir: Path, config) -> dict | None:
+    """The step whose parameters a ``load_best_model_at_end`` run kept: step, metric, value, greater_is_better."""
+    best = find_checkpoint(run_dir, BEST) if config.train.load_best_model_at_end else None
+    if best is None:
+        return None
+    return {k: v for k, v in json.loads((best / "state.json").read_text()).items() if k != "complete"}
 
 
 def _found_section(run, run_dir: Path, posteriors, metrics: dict, details: dict | None) -> list[str]:
