@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import signal
 import sys
@@ -269,10 +270,10 @@ def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:
 
 def _save_artefacts(run: Run, run_dir: Path) -> None:
     run.bank.save_experts(run_dir / "experts")
-    if (run_dir / "base").exists():  # the built-in base: record where PEFT's auto classes find it
-        for adapter in (run_dir / "experts").glob("expert_*/adapter_config.json"):
+    if (run_dir / "base").exists():  # a builtin or scratch base, kept with the run: "../../base", so a moved run
+        for adapter in (run_dir / "experts").glob("expert_*/adapter_config.json"):  # directory still finds it
             adapter_config = json.loads(adapter.read_text())
-            adapter_config["base_model_name_or_path"] = str((run_dir / "base").resolve())
+            adapter_config["base_model_name_or_path"] = os.path.relpath(run_dir / "base", adapter.parent)
             adapter.write_text(json.dumps(adapter_config, indent=2))
     gate_state = {k: v.detach().cpu().contiguous() for k, v in run.gate.state_dict().items()}
     save_file(gate_state, run_dir / GATE_FILE)

@@ -216,9 +216,10 @@ def test_progress_lines_without_a_terminal(tmp_path, capsys):
     assert "steps/s ETA" in steps[0] and " acc " in steps[0]
 
 
-def test_run_directory_is_self_contained(tmp_path):
+def test_run_directory_is_self_contained(tmp_path, monkeypatch):
     """Delete the training file: eval and generate still work from the run directory (data.json), and each saved
-    adapter records a base that PEFT's AutoPeftModelForCausalLM loads (before: base_model_name_or_path null)."""
+    adapter records a base that PEFT's AutoPeftModelForCausalLM loads (before: base_model_name_or_path null); the
+    path is relative to the adapter folder (../../base), which PEFT reads from the working directory."""
     from peft import AutoPeftModelForCausalLM
 
     from moedpo.data.builtin import make_builtin_rows
@@ -230,8 +231,9 @@ def test_run_directory_is_self_contained(tmp_path):
     data.unlink()
     assert main(["eval", str(run)]) == 0
     assert main(["generate", str(run), "--prompt", "describe the garden :", "--user", "annotator_000"]) == 0
-    model = AutoPeftModelForCausalLM.from_pretrained(run / "experts" / "expert_1")
-    assert model.peft_config["default"].base_model_name_or_path == str((run / "base").resolve())
+    monkeypatch.chdir(run / "experts" / "expert_1")
+    model = AutoPeftModelForCausalLM.from_pretrained(".")
+    assert model.peft_config["default"].base_model_name_or_path == "../../base"
 
 
 def test_generation_uses_the_chat_template_of_a_conversational_run(tmp_path):
