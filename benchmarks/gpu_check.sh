@@ -6,7 +6,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 (cd benchmarks && timeout 120 python3 gpu_check.py) 2>&1 | grep -v Warn | tee $OUT/gpu_check.txt
-timeout 180 python3 -m moedpo.cli train train.device=cuda train.output_dir=$OUT/run train.eval_every=50 2>&1 | tail -2
+timeout 180 python3 -m moedpo.cli train train.device=cuda train.output_dir=$OUT/run train.eval_steps=50 2>&1 | tail -2
 python3 - <<'PY' | tee $OUT/run_summary.txt
 import json, os
 m = json.load(open(os.environ["OUT"] + "/run/report/eval.json"))["metrics"]

@@ -41,7 +41,7 @@ def configure(out: Path, data: Path, num_experts: int, steps: int, seed: int):
             "em.label_smoothing=0.1",  # labels are noisy: without it a few pairs overrule a new user's prior
             "train.users_per_batch=4",
             f"train.max_steps={steps}",
-            "train.eval_every=0",
+            "train.eval_steps=0",
             f"train.seed={seed}",
             f"train.output_dir={out}",
             "train.overwrite=true",

@@ -84,8 +84,8 @@ SMALL = [
     "data.annotators_per_type=4",
     "data.pairs_per_annotator=16",
     "train.max_steps=40",
-    "train.eval_every=0",
-    "train.checkpoint_every=0",
+    "train.eval_steps=0",
+    "train.save_steps=0",
     "em.model=hierarchical_model:hierarchical_bt_model",
 ]
 

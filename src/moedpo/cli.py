@@ -1,4 +1,5 @@
-"""Command line: ``moedpo train``, ``sft``, ``eval``, ``report``, ``generate``, ``personalize``, ``config``."""
+"""Command line: ``moedpo train``, ``sft``, ``eval``, ``report``, ``generate``, ``personalize``, ``export``,
+``config``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import warnings
 from moedpo.config import ConfigError, describe, load_config
 from moedpo.data.formats import PreferenceDataError
 from moedpo.eval.report import report
+from moedpo.export import export_merged
 from moedpo.personalize import personalize
 from moedpo.runs import personalization_path
 from moedpo.session import evaluate_run, generate
@@ -53,6 +55,13 @@ def main(argv=None) -> int:
     p_gen.add_argument("--user", help="annotator id, for user-conditioned gates")
     p_gen.add_argument("--expert", default="auto", help="expert index, or auto (the gate's top expert)")
     p_gen.add_argument("--max-new-tokens", type=int, default=32)
+    p_export = sub.add_parser("export", help="each expert as a standalone Hugging Face model folder (no PEFT)")
+    p_export.add_argument("run_dir")
+    p_export.add_argument("--merged", action="store_true", help="merge each expert into its base (required for now)")
+    p_export.add_argument("--output-dir", help="where DIR/expert_<k>/ go (default: RUN_DIR/merged)")
+    p_export.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="upload expert k to the model repo REPO_ID-expert_<k>"
+    )
     args = parser.parse_args(argv)
     # peft 0.21 calls a renamed transformers helper on every wrap; the warning is theirs and says nothing to users
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -70,6 +79,8 @@ def main(argv=None) -> int:
             print(describe(load_config(args.config, args.overrides)), end="")
         elif args.command == "eval":
             print(json.dumps(evaluate_run(args.run_dir, args.data), indent=1))
+        elif args.command == "export":
+            _export(args)
         elif args.command == "personalize":
             result = personalize(args.run_dir, args.pairs, args.user)
             print(json.dumps(result.__dict__, indent=1))
@@ -92,6 +103,18 @@ def main(argv=None) -> int:
         print(f"moedpo {args.command}: {said}", file=sys.stderr)
         return 130
     return 0
+
+
+def _export(args) -> None:
+    if not args.merged:
+        raise ConfigError(
+            f"export: pass --merged (standalone models); the PEFT adapters are already in {args.run_dir}/experts/"
+        )
+    folders, repos = export_merged(args.run_dir, args.output_dir, args.push_to_hub)
+    for k, folder in enumerate(folders):
+        pushed = f" -> https://huggingface.co/{repos[k]}" if repos else ""
+        print(f"expert {k}: {folder}{pushed}")
+    print(f"load one with: AutoModelForCausalLM.from_pretrained({str(folders[0])!r})", file=sys.stderr)
 
 
 def _os_problem(err: OSError, command: str) -> str:

@@ -6,6 +6,7 @@ moedpo train --config examples/configs/builtin_user_lora.yaml experts.num_expert
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,19 +89,23 @@ class TrainConfig:
     max_steps: int = 150  # EM steps (each: one E-step and em.m_steps updates)
     learning_rate: float = 1e-2  # AdamW learning rate (experts and gate)
     weight_decay: float = 0.0  # AdamW weight decay
-    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant (TRL's name; was lr_scheduler)
     warmup_steps: int = 10  # linear learning-rate warmup, in EM steps
-    batch_size: int = 16  # pairs per step (pair scope)
-    users_per_batch: int = 2  # annotators per step, all their pairs (user scope)
+    per_device_train_batch_size: int = 16  # pairs per step on each process (pair scope; TRL's name; was batch_size)
+    users_per_batch: int = 2  # annotators per step over all processes, all their pairs (user scope)
     gradient_accumulation_steps: int = 1  # micro-batches per update (the loss is normalised globally)
     max_grad_norm: float | None = 1.0  # gradient clipping (empty: none)
     loss_type: str = "sigmoid"  # per-expert DPO loss (TRL names): sigmoid | ipo | hinge | robust
     disable_dropout: bool = True  # as TRL: zero the base model's dropout (experts.lora_dropout still applies)
     bf16: str = "auto"  # auto (bf16 autocast on CUDA) | true | false
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    eval_every: int = 50  # held-out evaluation every N steps (0: only at the end)
-    checkpoint_every: int = 25  # checkpoint for --resume every N steps (0: only at the end)
-    logging_every: int = 1  # metrics.jsonl line every N steps
+    eval_steps: int = 50  # held-out evaluation every N steps (0: only at the end; TRL's name; was eval_every)
+    save_steps: int = 25  # checkpoint for --resume every N steps (0: only at the end; was checkpoint_every)
+    logging_steps: int = 1  # metrics.jsonl line every N steps (TRL's name; was logging_every)
+    report_to: Any = "none"  # also log to: none | tensorboard | wandb | trackio | all (installed), or a list
+    load_best_model_at_end: bool = False  # end with the parameters of the best held-out evaluation (RUN/best/)
+    metric_for_best_model: str | None = None  # an eval/ metric of moedpo eval (prefix optional); empty: mixture_nll
+    greater_is_better: bool | None = None  # empty: lower is better for names ending in loss or nll, else higher
     dpo_baseline: bool = False  # also train one DPO policy (K=1) on the same data, in RUN/dpo, for the report
 
 
@@ -152,6 +157,27 @@ class ConfigError(ValueError):
     pass
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+def report_to_names(value) -> list[str]:
+    """``train.report_to`` as a list: [] for none, ["all"], or tracker names (a list, or a comma-separated string)."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    names = [str(n).strip() for n in names if str(n).strip()] if all(isinstance(n, str) for n in names) else None
+    if names in (["none"], []):
+        return []
+    if names == ["all"]:
+        return names
+    if names is None or not set(names) <= set(TRACKERS):
+        raise ConfigError(
+            f"train.report_to={value!r}: expected none, all, or some of {', '.join(TRACKERS)} "
+            "(a YAML list, or comma-separated: train.report_to=tensorboard,wandb)"
+        )
+    return list(dict.fromkeys(names))
+
+
 def _accepted(section) -> str:
     return ", ".join(f.name for f in dataclasses.fields(section))
 
@@ -201,29 +227,72 @@ def _coerce(section, key, value, origin):
     )
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML scalars)."""
-    config = Config()
-    if path is not None:
-        if not Path(path).is_file():
-            what = "a directory" if Path(path).is_dir() else "not found"
-            raise ConfigError(f"--config {path}: {what}; expected a YAML file (see examples/configs/)")
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-        for section_name, values in data.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section_name!r} must be a mapping; sections: {_accepted(config)}")
-            for key, value in values.items():
-                _set(config, f"{section_name}.{key}", value, str(path))
+# Old names of the keys TRL's DPOConfig also has: accepted, with one FutureWarning, for one release (0.1 -> 0.2).
+RENAMED = {
+    "train.batch_size": "train.per_device_train_batch_size",
+    "train.eval_every": "train.eval_steps",
+    "train.checkpoint_every": "train.save_steps",
+    "train.logging_every": "train.logging_steps",
+    "train.lr_scheduler": "train.lr_scheduler_type",
+}
+
+
+def _file_entries(path: str | Path) -> list[tuple[str, Any]]:
+    """(section.key, value) of a YAML config file, in its order."""
+    if not Path(path).is_file():
+        what = "a directory" if Path(path).is_dir() else "not found"
+        raise ConfigError(f"--config {path}: {what}; expected a YAML file (see examples/configs/)")
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    entries = []
+    for section_name, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section_name!r} must be a mapping; sections: {_accepted(Config())}")
+        entries += [(f"{section_name}.{key}", value) for key, value in values.items()]
+    return entries
+
+
+def _override_entries(overrides) -> list[tuple[str, Any]]:
+    entries = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=50")
         key, raw = item.split("=", 1)
-        _set(config, key.strip(), yaml.safe_load(raw) if raw.strip() else None, "override")
+        entries.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return entries
+
+
+def _renamed(entries: list[tuple[str, Any]], origin: str) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(entries with TRL's key names, the old names they used); one source naming a key both ways is refused."""
+    given = {key for key, _ in entries}
+    for old, new in RENAMED.items():
+        if old in given and new in given:
+            raise ConfigError(f"{origin}: both {old} (its old name) and {new} are given; keep only {new}")
+    return [(RENAMED.get(key, key), value) for key, value in entries], [key for key in given if key in RENAMED]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML scalars). The old
+    names of keys TRL has (:data:`RENAMED`) still load, with one FutureWarning naming the new ones."""
+    config, old = Config(), {}
+    sources = [(str(path), _file_entries(path))] if path is not None else []
+    for origin, entries in [*sources, ("override", _override_entries(overrides))]:
+        entries, used = _renamed(entries, origin)
+        old.update({key: origin for key in sorted(used) if key not in old})
+        for key, value in entries:
+            _set(config, key, value, origin)
+    if old:
+        warnings.warn(
+            f"{', '.join(f'{k} ({where})' for k, where in old.items())}: old name(s), accepted until the next release;"
+            f" use {', '.join(RENAMED[k] for k in old)} (TRL's names). A run's saved config.yaml is rewritten with the"
+            " new names by --resume; any other file: moedpo config --config OLD.yaml > NEW.yaml",
+            FutureWarning,
+            stacklevel=2,
+        )
     validate(config)
     return config
 
@@ -234,7 +303,7 @@ CHOICES = {
     ("em", "schedule"): ("em", "svi", "gumbel", "routed"),
     ("em", "scope"): ("user", "pair"),
     ("em", "init"): ("auto", "data", "symmetric"),
-    ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
+    ("train", "lr_scheduler_type"): ("cosine", "linear", "constant"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("train", "loss_type"): ("sigmoid", "ipo", "hinge", "robust"),
@@ -260,6 +329,11 @@ def validate(config: Config) -> None:
         (config.train.max_steps >= 1, "train.max_steps", "an integer >= 1"),
         (config.train.learning_rate >= 0, "train.learning_rate", "a number >= 0"),
         (config.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "an integer >= 1"),
+        (config.train.per_device_train_batch_size >= 1, "train.per_device_train_batch_size", "an integer >= 1"),
+        (config.train.users_per_batch >= 1, "train.users_per_batch", "an integer >= 1"),
+        (config.train.logging_steps >= 1, "train.logging_steps", "an integer >= 1"),
+        (config.train.eval_steps >= 0, "train.eval_steps", "an integer >= 0 (0: only at the end)"),
+        (config.train.save_steps >= 0, "train.save_steps", "an integer >= 0 (0: only at the end)"),
         (config.sft.max_steps == -1 or config.sft.max_steps >= 1, "sft.max_steps", "an integer >= 1, or -1"),
         (config.sft.per_device_train_batch_size >= 1, "sft.per_device_train_batch_size", "an integer >= 1"),
         (config.report.num_prompts >= 0, "report.num_prompts", "an integer >= 0"),
@@ -270,6 +344,13 @@ def validate(config: Config) -> None:
         if not ok:
             value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
             raise ConfigError(f"{key}={value!r}: expected {expected}")
+    report_to_names(config.train.report_to)
+    if config.train.load_best_model_at_end and not config.train.eval_steps:
+        raise ConfigError("train.load_best_model_at_end=true compares held-out evaluations: set train.eval_steps > 0")
+    if config.train.load_best_model_at_end and not (config.data.eval_fraction or config.data.eval_source):
+        raise ConfigError(
+            "train.load_best_model_at_end=true needs held-out pairs: data.eval_fraction > 0 or data.eval_source"
+        )
     if config.train.loss_type != "sigmoid" and config.em.schedule != "em":
         raise ConfigError(f"train.loss_type={config.train.loss_type!r} needs em.schedule=em (the q-weighted TRL loss)")
     em = config.em

@@ -3,10 +3,11 @@
     config.yaml  metrics.jsonl  experts/expert_<k>/  gate.safetensors  users.json  base/ (builtin model)
     data.json (tokenized splits: eval and generate need no original file)  reference_logps.safetensors
     checkpoint/  (params.safetensors, gate.safetensors, optimizer.pt, scheduler.pt, rng.pt, loop.json, state.json)
+    best/  (``train.load_best_model_at_end``: params.safetensors, gate.safetensors, state.json of the kept step)
     personalized/<user>.json  (new annotators' posteriors, ``moedpo personalize``)  report/
 
-Checkpoints are written to ``checkpoint.tmp`` and swapped in by renames, so a crash mid-save never spoils
-the last good one. Tensors are loaded with ``weights_only=True`` / safetensors: no pickle of untrusted files.
+Checkpoints (and ``best/``) are written to ``<name>.tmp`` and swapped in by renames, so a crash mid-save never
+spoils the last good one. Tensors are loaded with ``weights_only=True`` / safetensors: no pickle of untrusted files.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import get_scheduler
 from moedpo.config import ConfigError
 
 CHECKPOINT = "checkpoint"
+BEST = "best"
 DATA_FILE = "data.json"
 REFERENCE_FILE = "reference_logps.safetensors"
 GUIDE_FILE = "guide.safetensors"
@@ -42,34 +44,6 @@ def lr_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s, f=f: f(s + 1) for f in shape.lr_lambdas])
 
 
-class MetricsLogger:
-    """JSONL metrics (one object per step) plus TensorBoard when it is installed."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():  # drop what the killed run logged after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.tensorboard = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            pass
-
-    def log(self, step: int, metrics: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tensorboard is not None:
-            for key, value in metrics.items():
-                self.tensorboard.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -80,19 +54,32 @@ def save_checkpoint(
 ) -> None:
     """Write everything a resumed run needs, atomically (tmp folder + renames). ``loop_state``: plain JSON of the
     EM loop (the routed schedule's baselines)."""
-    tmp, final, old = run_dir / f"{CHECKPOINT}.tmp", run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
+
+    def write(tmp: Path) -> None:
+        _save_tensors(tmp, params, gate_state)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "loop.json").write_text(json.dumps(loop_state or {}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "complete": True}))
+
+    _write_atomically(run_dir, CHECKPOINT, write)
+
+
+def _save_tensors(folder: Path, params: dict, gate_state: dict) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, folder / "params.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in gate_state.items()}, folder / "gate.safetensors")
+
+
+def _write_atomically(run_dir: Path, name: str, write) -> None:
+    """``write(tmp)`` fills ``RUN/<name>.tmp``, which then replaces ``RUN/<name>`` by renames."""
+    tmp, final, old = run_dir / f"{name}.tmp", run_dir / name, run_dir / f"{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, tmp / "params.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in gate_state.items()}, tmp / "gate.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "loop.json").write_text(json.dumps(loop_state or {}))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "complete": True}))
+    write(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -100,13 +87,74 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The last complete checkpoint: ``checkpoint/``, else a complete ``.tmp`` or the ``.old`` left by a crash."""
-    for name in (CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old"):
-        state = run_dir / name / "state.json"
+def find_checkpoint(run_dir: Path, name: str = CHECKPOINT) -> Path | None:
+    """The last complete checkpoint: ``checkpoint/``, else a complete ``.tmp`` or the ``.old`` left by a crash
+    (``name="best"``: the same for ``best/``)."""
+    for folder in (name, f"{name}.tmp", f"{name}.old"):
+        state = run_dir / folder / "state.json"
         if state.exists() and json.loads(state.read_text()).get("complete"):
-            return run_dir / name
+            return run_dir / folder
     return None
+
+
+def final_parameters(run_dir: Path, load_best: bool) -> Path | None:
+    """Where a finished run's parameters are: ``best/`` under ``train.load_best_model_at_end``, else the last
+    checkpoint (which also holds the last step's under load_best, for ``--resume``)."""
+    best = find_checkpoint(run_dir, BEST) if load_best else None
+    return best if best is not None else find_checkpoint(run_dir)
+
+
+def best_metric(metric: str | None, greater_is_better: bool | None) -> tuple[str, bool]:
+    """``train.metric_for_best_model`` as an ``eval/`` key (the prefix is optional, as transformers' ``eval_``;
+    empty: ``eval/mixture_nll``, the held-out loss) and whether higher is better: ``greater_is_better``, else as
+    transformers infers it, lower for a loss (names ending in ``loss`` or ``nll``), higher for anything else."""
+    key = metric or "mixture_nll"
+    key = key if key.startswith("eval/") else f"eval/{key}"
+    return key, (not key.endswith(("loss", "nll"))) if greater_is_better is None else greater_is_better
+
+
+class BestModel:
+    """``train.load_best_model_at_end``: at each evaluation, whether the held-out metric beat the best so far
+    (strictly, as transformers), and if so that step's parameters and gate in ``RUN/best/`` (atomically). A resumed
+    run continues from ``best/`` (a best written after the checkpoint is what the replayed steps reproduce)."""
+
+    def __init__(self, run_dir: Path, metric: str, greater_is_better: bool, resume: bool):
+        self.run_dir, self.metric, self.greater = run_dir, metric, greater_is_better
+        found = find_checkpoint(run_dir, BEST) if resume else None
+        self.state = json.loads((found / "state.json").read_text()) if found is not None else None
+        if self.state is not None and self.state["metric"] != metric:  # another metric: start over
+            self.state = None
+        self.last: tuple[int, float] | None = None
+
+    def update(self, step: int, metrics: dict, params: dict, gate_state: dict) -> bool:
+        if self.metric not in metrics:
+            names = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, float)))
+            raise ConfigError(
+                f"train.metric_for_best_model={self.metric.removeprefix('eval/')!r}: not a held-out metric of this "
+                f"run; its evaluation gives {names} (fix it, then continue with --resume)"
+            )
+        value = float(metrics[self.metric])
+        self.last = (step, value)
+        best = None if self.state is None else self.state["value"]
+        if best is not None and not (value > best if self.greater else value < best):
+            return False
+        self.state = {"step": step, "metric": self.metric, "value": value, "greater_is_better": self.greater}
+
+        def write(tmp: Path) -> None:
+            _save_tensors(tmp, params, gate_state)
+            (tmp / "state.json").write_text(json.dumps({**self.state, "complete": True}))
+
+        _write_atomically(self.run_dir, BEST, write)
+        return True
+
+    def restore(self, params: dict, gate) -> dict:
+        """Copy the kept step's parameters and gate back in place; returns its state (step, metric, value)."""
+        if self.state is None:
+            raise ValueError("load_best_model_at_end: no evaluation was recorded")
+        found = find_checkpoint(self.run_dir, BEST)
+        restore_parameters(found, params)
+        gate.load_state_dict(load_file(found / "gate.safetensors"))
+        return self.state
 
 
 def restore_parameters(path: Path, params: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import signal
 import sys
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from moedpo import rundir
 from moedpo.assembly import Run, build_run
 from moedpo.assembly.components import build_start
-from moedpo.config import Config, load_config, save_config
+from moedpo.config import Config, ConfigError, load_config, save_config
 from moedpo.data.batching import BatchPlan
 from moedpo.data.tokenize import collate
 from moedpo.distributed import DataParallel
@@ -37,13 +38,15 @@ from moedpo.runs import (
     GATE_FILE,
     GUIDE_FILE,
     REFERENCE_FILE,
-    MetricsLogger,
+    BestModel,
+    best_metric,
     find_checkpoint,
     load_checkpoint,
     lr_scheduler,
     save_checkpoint,
 )
 from moedpo.session import RunSession
+from moedpo.tracking import MetricsLogger, resolve_report_to
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -98,6 +101,7 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         raise ValueError("pass overrides with a config path or None, or edit the Config object")
     t, dp = config.train, DataParallel()
     resolve_rewards(config)  # a misspelt report.rewards fails now, not after training
+    resolve_report_to(t.report_to)  # and a tracker that is not installed
     _absolute_paths(config)  # the run directory must work from any working directory
     run_dir = rundir.output_dir(config, resume, dp.enabled)
     if dp.is_main:  # before the scratch reference and the data, which can take minutes
@@ -106,6 +110,8 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     random.seed(t.seed)
     own = run_dir if resume and (run_dir / DATA_FILE).exists() else None  # --resume: the run's own data and base
     run = build_run(config, dp.device(t.device), saved=own)
+    if t.load_best_model_at_end and not run.data.eval:
+        raise ConfigError("train.load_best_model_at_end=true: the data gave no held-out pairs to compare steps on")
     with rundir.RunLock(run_dir) if dp.is_main else contextlib.nullcontext():
         if dp.is_main:
             rundir.prepare(config, run_dir, resume, run.tokenizer, run.base, run.data)
@@ -131,16 +137,17 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
     _reference_once(run, run_dir, dp)
     params = run.trainable_parameters()
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = lr_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
+    scheduler = lr_scheduler(optimizer, t.lr_scheduler_type, t.warmup_steps, t.max_steps)
     loop = _em_loop(run, optimizer, scheduler, dp)
     start = load_checkpoint(find_checkpoint(run_dir), params, run.gate, optimizer, scheduler, loop) if resume else 0
     loop.num_steps = start
     if resume and dp.is_main:  # only now that the checkpoint fits: record the continued run's config
         save_config(config, run_dir / "config.yaml", notes=(f"em.scope={config.em.scope}; {run.data.split}",))
 
-    logger = MetricsLogger(run_dir, resume_step=start if resume else None) if dp.is_main else None
+    logger, best = _loggers(run, run_dir, start if resume else None) if dp.is_main else (None, None)
     user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, run.tokenizer.pad_token_id
-    plan = BatchPlan.for_examples(run.data.train, user_scope, t.users_per_batch if user_scope else t.batch_size, t.seed)
+    per_batch = t.users_per_batch if user_scope else t.per_device_train_batch_size * dp.world_size  # global batch
+    plan = BatchPlan.for_examples(run.data.train, user_scope, per_batch, t.seed)
     progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
     checkpoint = lambda step: save_checkpoint(  # noqa: E731
         run_dir, step, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict()
@@ -149,14 +156,12 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
         for step in range(start, t.max_steps):
             shards = [plan(step * acc + i, dp.shard) for i in range(acc)]  # this process's share; may be empty
             loss = loop.step(*[collate(examples, pad) if examples else None for examples in shards])
-            if logger is not None and ((step + 1) % t.logging_every == 0 or step + 1 == t.max_steps):
+            if logger is not None:
                 metrics = {**loop.metrics, "learning_rate": scheduler.get_last_lr()[0], "world_size": dp.world_size}
                 metrics["epoch"] = (step + 1) * acc / plan.per_epoch
-                if t.eval_every and (step + 1) % t.eval_every == 0 and run.data.eval:
-                    metrics.update(evaluate(run, run.data.train, run.data.eval)[0])
-                logger.log(step + 1, metrics)
+                _log_step(run, logger, best, step + 1, metrics, params)
             progress.update(step + 1, loss=loss, acc=loop.metrics.get("rewards/accuracies", float("nan")))
-            periodic = t.checkpoint_every and (step + 1) % t.checkpoint_every == 0
+            periodic = t.save_steps and (step + 1) % t.save_steps == 0
             if dp.is_main and step + 1 < t.max_steps and (periodic or stop.requested):
                 checkpoint(step + 1)
             if stop.requested and step + 1 < t.max_steps:
@@ -166,7 +171,9 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
     progress.close()
     if dp.is_main:
         logger.close()
-        checkpoint(t.max_steps)
+        checkpoint(t.max_steps)  # the last step's state, for a --resume that trains on
+        if best is not None:
+            _keep_best(best, params, run.gate, t.max_steps)
         _save_artefacts(run, run_dir)
         if t.dpo_baseline and config.experts.num_experts > 1:
             _train_dpo_baseline(config, run_dir)
@@ -174,6 +181,47 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
     dp.barrier()
     dp.close()
     return run_dir
+
+
+def _loggers(run: Run, run_dir: Path, resume_step: int | None) -> tuple[MetricsLogger, BestModel | None]:
+    """The metrics log with the ``train.report_to`` trackers, and the best-step keeper of
+    ``train.load_best_model_at_end`` (else None)."""
+    t = run.config.train
+    logger = MetricsLogger(run_dir, resume_step, resolve_report_to(t.report_to), run.config.to_dict())
+    if not t.load_best_model_at_end:
+        return logger, None
+    metric, greater = best_metric(t.metric_for_best_model, t.greater_is_better)
+    return logger, BestModel(run_dir, metric, greater, resume=resume_step is not None)
+
+
+def _log_step(run: Run, logger: MetricsLogger, best: BestModel | None, done: int, metrics: dict, params) -> None:
+    """Step ``done``'s line at logging and evaluation steps and the last one, with the held-out metrics at evaluation
+    steps; under ``load_best_model_at_end`` the last step is evaluated too (the final parameters compete), and each
+    evaluation that beats the best so far keeps its parameters in ``RUN/best/``."""
+    t = run.config.train
+    periodic = bool(t.eval_steps) and done % t.eval_steps == 0
+    evaluating = bool(run.data.eval) and (periodic or (best is not None and done == t.max_steps))
+    if not (evaluating or done % t.logging_steps == 0 or done == t.max_steps):
+        return
+    if evaluating:
+        held_out = evaluate(run, run.data.train, run.data.eval)[0]
+        metrics.update(held_out)
+        if best is not None:
+            best.update(done, held_out, params, run.gate.state_dict())
+    logger.log(done, metrics)
+
+
+def _keep_best(best: BestModel, params: dict, gate, max_steps: int) -> None:
+    """Back to the best evaluation's parameters and gate, before the artefacts and the report; says which."""
+    kept = best.restore(params, gate)
+    last = f"; at step {best.last[0]}: {best.last[1]:.4g}" if best.last is not None else ""
+    print(
+        f"moedpo: load_best_model_at_end: kept step {kept['step']} of {max_steps} ({kept['metric']} "
+        f"{kept['value']:.4g}, {'higher' if kept['greater_is_better'] else 'lower'} is better{last}); its parameters "
+        "are in RUN/best/, the last step's in RUN/checkpoint/",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _reference_once(run: Run, run_dir: Path, dp: DataParallel) -> None:
@@ -224,10 +272,10 @@ def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:
 
 def _save_artefacts(run: Run, run_dir: Path) -> None:
     run.bank.save_experts(run_dir / "experts")
-    if (run_dir / "base").exists():  # the built-in base: record where PEFT's auto classes find it
-        for adapter in (run_dir / "experts").glob("expert_*/adapter_config.json"):
+    if (run_dir / "base").exists():  # a builtin or scratch base, kept with the run: "../../base", so a moved run
+        for adapter in (run_dir / "experts").glob("expert_*/adapter_config.json"):  # directory still finds it
             adapter_config = json.loads(adapter.read_text())
-            adapter_config["base_model_name_or_path"] = str((run_dir / "base").resolve())
+            adapter_config["base_model_name_or_path"] = os.path.relpath(run_dir / "base", adapter.parent)
             adapter.write_text(json.dumps(adapter_config, indent=2))
     gate_state = {k: v.detach().cpu().contiguous() for k, v in run.gate.state_dict().items()}
     save_file(gate_state, run_dir / GATE_FILE)

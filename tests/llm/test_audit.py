@@ -23,7 +23,7 @@ from moedpo.runs import Personalization, load_personalization, personalization_p
 from moedpo.session import RunSession
 from moedpo.training import train
 
-SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=8", "train.eval_every=0"]
+SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=8", "train.eval_steps=0"]
 
 
 def config(tmp_path, *overrides, name="run"):
@@ -186,7 +186,7 @@ def test_personalization_files_of_distinct_names_never_collide(tmp_path):
 def test_gumbel_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, at_step):
     """``gumbel`` draws each step's expert from the torch RNG: a resumed run matches only if the checkpoint's RNG
     state is restored (the kill -9 test runs ``em``, which draws nothing)."""
-    steps = ["em.schedule=gumbel", "train.max_steps=6", "train.checkpoint_every=3", "experts.init_std=0.3"]
+    steps = ["em.schedule=gumbel", "train.max_steps=6", "train.save_steps=3", "experts.init_std=0.3"]
     reference = train(config(tmp_path, *steps, name="whole"))
     at_step(4)  # a crash as step 5 begins
     with pytest.raises(KeyboardInterrupt):

@@ -8,7 +8,7 @@ import torch
 from moedpo.cli import main
 from moedpo.data.builtin import make_builtin_rows
 
-SMALL = ["model.hidden_size=32", "train.max_steps=2", "train.eval_every=0"]
+SMALL = ["model.hidden_size=32", "train.max_steps=2", "train.eval_steps=0"]
 
 
 def rows(n=8, user=True):

@@ -19,8 +19,8 @@ SETTINGS = [
     "data.eval_fraction=0",
     "train.users_per_batch=2",  # 3 annotators: batches of 2 then 1 annotators -> shards 1+1, then 1+0 (empty)
     "train.max_steps=6",
-    "train.eval_every=0",
-    "train.checkpoint_every=0",
+    "train.eval_steps=0",
+    "train.save_steps=0",
 ]
 
 

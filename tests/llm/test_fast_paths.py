@@ -144,8 +144,8 @@ def test_reference_log_probs_are_computed_once_and_kept_with_the_run(tmp_path, m
         "data.annotators_per_type=2",
         "data.pairs_per_annotator=8",
         "train.max_steps=4",
-        "train.checkpoint_every=2",
-        "train.eval_every=2",
+        "train.save_steps=2",
+        "train.eval_steps=2",
     ]
     calls = []
     original = LoRABank.reference_pass

@@ -11,7 +11,7 @@ from moedpo.cli import main
 from moedpo.data.builtin import make_builtin_rows
 from moedpo.eval.found import Evidence, calibration, found_lines
 
-SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=8", "train.eval_every=0"]
+SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=8", "train.eval_steps=0"]
 
 
 def test_found_lines_by_hand():
@@ -78,7 +78,7 @@ def test_an_overconfident_learning_rate_is_named_in_eval_json(tmp_path):
     held-out mixture NLL ends above ln 2 (1.05 here), which eval.json names (with the collapse it causes)."""
     run = tmp_path / "run"
     args = ["train.learning_rate=0.1", "train.max_grad_norm=", "em.beta=2", "data.pairs_per_annotator=12"]
-    assert main(["train", *args, "report.num_prompts=0", "train.eval_every=0", f"train.output_dir={run}"]) == 0
+    assert main(["train", *args, "report.num_prompts=0", "train.eval_steps=0", f"train.output_dir={run}"]) == 0
     saved = json.loads((run / "report" / "eval.json").read_text())
     assert saved["metrics"]["eval/mixture_nll"] > 0.693
     assert "overconfident_experts" in [d["name"] for d in saved["diagnostics"]]

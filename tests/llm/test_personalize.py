@@ -31,7 +31,7 @@ def users_run(tmp_path_factory):
         "gate.user_features=true",
         "em.guide=amortized",
         "train.max_steps=12",
-        "train.eval_every=0",
+        "train.eval_steps=0",
     ]
     return train(load_config(overrides=overrides)), world["new"], tmp
 

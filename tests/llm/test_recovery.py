@@ -17,7 +17,7 @@ from moedpo.training import train
 
 
 def final_eval(tmp_path, name, *overrides):
-    cfg = load_config(overrides=[f"train.output_dir={tmp_path / name}", "train.eval_every=0", *overrides])
+    cfg = load_config(overrides=[f"train.output_dir={tmp_path / name}", "train.eval_steps=0", *overrides])
     rows = read_metrics(train(cfg))
     return json.loads((tmp_path / name / "report" / "eval.json").read_text())["metrics"], rows
 
@@ -80,7 +80,7 @@ def test_domain_reveals_type_with_input_dependent_gate(tmp_path):
         "em.scope=pair",
         "gate.type=mlp",
         "train.max_steps=300",
-        "train.batch_size=32",
+        "train.per_device_train_batch_size=32",
     ]
     mixture, _ = final_eval(tmp_path, "k2", *domain)
     single, _ = final_eval(tmp_path, "k1", *domain, "experts.num_experts=1")

@@ -30,7 +30,7 @@ TINY = [
     "sft.scratch_vocab_size=400",
     "experts.num_experts=2",
     "train.max_steps=3",
-    "train.eval_every=0",
+    "train.eval_steps=0",
     "report.num_prompts=12",
     "report.max_new_tokens=8",
 ]

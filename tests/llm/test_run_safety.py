@@ -18,7 +18,7 @@ from moedpo.data.reviews import make_review_rows
 from moedpo.reference import scratch
 from moedpo.rundir import RunLock
 
-SMALL = ["model.hidden_size=32", "data.annotators_per_type=2", "data.pairs_per_annotator=6", "train.eval_every=0"]
+SMALL = ["model.hidden_size=32", "data.annotators_per_type=2", "data.pairs_per_annotator=6", "train.eval_steps=0"]
 
 
 def run(capsys, *args) -> tuple[int, str]:
@@ -77,7 +77,7 @@ def test_a_second_training_on_a_locked_run_directory_is_refused(tmp_path, capsys
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys, monkeypatch, at_step):
-    steps = ["train.max_steps=6", "train.checkpoint_every=0", "em.schedule=gumbel", "experts.init_std=0.3"]
+    steps = ["train.max_steps=6", "train.save_steps=0", "em.schedule=gumbel", "experts.init_std=0.3"]
     assert run(capsys, "train", *SMALL, *steps, f"train.output_dir={tmp_path / 'whole'}")[0] == 0
     at_step(2, lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C as step 3 begins: the step finishes first
     code, err = run(capsys, "train", *SMALL, *steps, f"train.output_dir={tmp_path / 'cut'}")

@@ -32,7 +32,7 @@ def test_sft_writes_a_model_folder_that_training_accepts(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder)  # a plain Hugging Face folder
     assert AutoTokenizer.from_pretrained(folder).pad_token == "<pad>" and model.config.hidden_size == 32
     run = train(load_config(overrides=[*SMALL, f"model.name_or_path={folder}", "train.max_steps=2",
-                                       f"train.output_dir={tmp_path / 'run'}", "train.eval_every=0"]))  # fmt: skip
+                                       f"train.output_dir={tmp_path / 'run'}", "train.eval_steps=0"]))  # fmt: skip
     assert (run / "experts" / "expert_0" / "adapter_config.json").exists()
 
 
@@ -104,5 +104,5 @@ def test_scratch_reference_is_built_once_per_data_and_kept_with_the_run(tmp_path
     # other data (another seed of the built-in world): another model
     assert scratch_reference(other, reference_rows(other)) != folder
     run = train(load_config(overrides=[*SMALL, "model.name_or_path=scratch", *options, "train.max_steps=2",
-                                       f"train.output_dir={tmp_path / 'run'}", "train.eval_every=0"]))  # fmt: skip
+                                       f"train.output_dir={tmp_path / 'run'}", "train.eval_steps=0"]))  # fmt: skip
     assert (run / "base" / "config.json").exists()

@@ -24,7 +24,7 @@ def config(tmp_path, *overrides, name="run"):
 
 
 def test_run_directory_contract(tmp_path):
-    run = train(config(tmp_path, "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2"))
+    run = train(config(tmp_path, "train.max_steps=6", "train.eval_steps=3", "train.save_steps=2"))
     for name in (
         "config.yaml",
         "metrics.jsonl",
@@ -48,11 +48,14 @@ def test_run_directory_contract(tmp_path):
         "expert_0/rewards/margins",
         "expert_0/rewards/accuracies",
         "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "expert_1/logps/chosen",
         "learning_rate",
         "grad_norm",
     ):
         assert key in rows[-1], key
-    assert "eval/ari" in rows[2] and "eval/expert_1/rewards/accuracies" in rows[5]
+    assert "eval/ari" in rows[2] and "eval/expert_1/rewards/accuracies" in rows[5] and "eval/logps/chosen" in rows[2]
     assert "em/elbo" not in rows[-1] and "em/marginal_nll" not in rows[-1]  # = loss at the exact posterior
     assert load_config(run / "config.yaml").train.max_steps == 6  # the resolved config reloads
     final = json.loads((run / "report" / "eval.json").read_text())["metrics"]
@@ -90,7 +93,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path):
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    steps = ["train.max_steps=30", "train.checkpoint_every=3", "train.eval_every=0"]
+    steps = ["train.max_steps=30", "train.save_steps=3", "train.eval_steps=0"]
     reference = train(config(tmp_path, *steps, name="uninterrupted"))
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "moedpo.cli", "train", f"train.output_dir={killed}", *SMALL, *steps]
@@ -205,7 +208,7 @@ def test_rows_trl_trains_on_do_not_stop_the_run(tmp_path):
 def test_progress_lines_without_a_terminal(tmp_path, capsys):
     """Under nohup/slurm/CI (stderr not a TTY): the run directory first, then periodic lines with step, loss,
     accuracy, steps/s and ETA (before: nothing until the end)."""
-    train(config(tmp_path, "train.max_steps=40", "train.eval_every=0"))
+    train(config(tmp_path, "train.max_steps=40", "train.eval_steps=0"))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moedpo: ")]
     assert err[0].startswith(f"moedpo: run directory {tmp_path / 'run'}")
     steps = [line for line in err if line.startswith("moedpo: step ")]
@@ -213,9 +216,10 @@ def test_progress_lines_without_a_terminal(tmp_path, capsys):
     assert "steps/s ETA" in steps[0] and " acc " in steps[0]
 
 
-def test_run_directory_is_self_contained(tmp_path):
+def test_run_directory_is_self_contained(tmp_path, monkeypatch):
     """Delete the training file: eval and generate still work from the run directory (data.json), and each saved
-    adapter records a base that PEFT's AutoPeftModelForCausalLM loads (before: base_model_name_or_path null)."""
+    adapter records a base that PEFT's AutoPeftModelForCausalLM loads (before: base_model_name_or_path null); the
+    path is relative to the adapter folder (../../base), which PEFT reads from the working directory."""
     from peft import AutoPeftModelForCausalLM
 
     from moedpo.data.builtin import make_builtin_rows
@@ -227,8 +231,9 @@ def test_run_directory_is_self_contained(tmp_path):
     data.unlink()
     assert main(["eval", str(run)]) == 0
     assert main(["generate", str(run), "--prompt", "describe the garden :", "--user", "annotator_000"]) == 0
-    model = AutoPeftModelForCausalLM.from_pretrained(run / "experts" / "expert_1")
-    assert model.peft_config["default"].base_model_name_or_path == str((run / "base").resolve())
+    monkeypatch.chdir(run / "experts" / "expert_1")
+    model = AutoPeftModelForCausalLM.from_pretrained(".")
+    assert model.peft_config["default"].base_model_name_or_path == "../../base"
 
 
 def test_generation_uses_the_chat_template_of_a_conversational_run(tmp_path):
@@ -256,7 +261,7 @@ def test_generation_uses_the_chat_template_of_a_conversational_run(tmp_path):
 def test_routed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, at_step):
     """Guide-routed sparse training: the guide's draws, its parameters and the score-function baselines all come
     back from the checkpoint (a crash at step 10 of 12, checkpoint at 8)."""
-    steps = ["train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=0"]
+    steps = ["train.max_steps=12", "train.save_steps=4", "train.eval_steps=0"]
     routed = ["em.schedule=routed", "em.guide=amortized", "em.exact_every=3", "em.exact_warmup=2", *steps]
     reference = train(config(tmp_path, *routed, name="uninterrupted"))
     at_step(9)  # a crash as step 10 begins
@@ -271,3 +276,25 @@ def test_routed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, at_ste
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert (resumed / "guide.safetensors").exists()
+
+
+def test_a_run_saved_with_old_key_names_evaluates_and_resumes(tmp_path, capsys):
+    """A run directory written before TRL's names (config.yaml with train.batch_size, eval_every, ...) still
+    opens for ``moedpo eval`` and continues with ``--resume``, which rewrites its config.yaml with the new names."""
+    import yaml
+
+    from moedpo.config import RENAMED
+
+    run = train(config(tmp_path, "train.max_steps=2", "train.save_steps=1", "train.eval_steps=0"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for old, new in RENAMED.items():
+        saved["train"][old.split(".")[1]] = saved["train"].pop(new.split(".")[1])
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.warns(FutureWarning, match="train.batch_size"):
+        assert main(["eval", str(run)]) == 0
+    assert "eval/rewards/accuracies" in json.loads(capsys.readouterr().out)
+    with pytest.warns(FutureWarning, match="train.eval_every"):
+        assert main(["train", "--config", str(run / "config.yaml"), "--resume", "train.max_steps=3"]) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    rewritten = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert rewritten["eval_steps"] == 0 and rewritten["save_steps"] == 1 and "eval_every" not in rewritten

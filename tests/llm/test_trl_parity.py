@@ -104,7 +104,8 @@ def _trl_loss_and_grads(records, policy, reference, tokenizer, loss_type, label_
     trainer.model.train()  # TRL disables dropout by default, as moedpo does
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    return batch, loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}  # what TRL's next log holds
+    return batch, loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}, logged
 
 
 def _moedpo_loss_and_grads(records, policy, reference, tokenizer, loss_type, label_smoothing):
@@ -129,7 +130,7 @@ def _moedpo_loss_and_grads(records, policy, reference, tokenizer, loss_type, lab
     h = margins(out["chosen_logps"], out["rejected_logps"], out["ref_chosen_logps"], out["ref_rejected_logps"])
     loss = loop.step(batch)
     assert loss == loop.metrics["loss"]
-    return batch, loss, {n: p.grad for n, p in bank.experts[0].named_parameters()}, h[:, 0]
+    return batch, loss, {n: p.grad for n, p in bank.experts[0].named_parameters()}, h[:, 0], loop.metrics
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
@@ -140,10 +141,10 @@ def test_k1_matches_trl_dpo_trainer_from_raw_rows(fmt, loss_type, gpt2_tokenizer
     tok, records = gpt2_tokenizer, FORMATS[fmt]
     reference = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, seed=0, pad_token_id=tok.pad_token_id)
     policy = _perturbed(reference)
-    trl_batch, trl_loss, trl_grads = _trl_loss_and_grads(
+    trl_batch, trl_loss, trl_grads, trl_logged = _trl_loss_and_grads(
         records, policy, reference, tok, loss_type, label_smoothing, tmp_path
     )
-    batch, loss, grads, h = _moedpo_loss_and_grads(records, policy, reference, tok, loss_type, label_smoothing)
+    batch, loss, grads, h, logged = _moedpo_loss_and_grads(records, policy, reference, tok, loss_type, label_smoothing)
 
     worst = max((grads[n] - g).abs().max().item() for n, g in trl_grads.items())
     largest = max(g.abs().max().item() for g in trl_grads.values())
@@ -160,3 +161,6 @@ def test_k1_matches_trl_dpo_trainer_from_raw_rows(fmt, loss_type, gpt2_tokenizer
     assert sorted(grads) == sorted(trl_grads)
     assert worst <= 1e-5, f"max gradient difference {worst:.3g}"
     assert largest > 1e-4  # gradients are not trivially zero
+    for key in ("logps/chosen", "logps/rejected"):  # TRL's mean policy log-prob of each side (sums of ~20 tokens)
+        assert abs(logged[key] - trl_logged[key]) <= 1e-5 * abs(trl_logged[key]), (key, logged[key], trl_logged[key])
+    assert logged["logps/chosen"] < -1.0

@@ -23,7 +23,7 @@ from moedpo.data.batching import by_annotator
 from moedpo.data.prepared import PreparedData
 from moedpo.experts.loading import resolve_device
 from moedpo.models.gates import Router
-from moedpo.runs import DATA_FILE, GATE_FILE, GUIDE_FILE, REFERENCE_FILE, find_checkpoint, restore_parameters
+from moedpo.runs import DATA_FILE, GATE_FILE, GUIDE_FILE, REFERENCE_FILE, final_parameters, restore_parameters
 
 __all__ = ["Run", "build_base", "build_run", "open_run", "prepare_data"]
 
@@ -95,7 +95,7 @@ def open_run(run_dir: str | Path) -> Run:
         )
     config = load_config(run_dir / "config.yaml")
     run = build_run(config, resolve_device(config.train.device), saved=run_dir)
-    checkpoint = find_checkpoint(run_dir)
+    checkpoint = final_parameters(run_dir, config.train.load_best_model_at_end)  # best/ or the last checkpoint
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
     restore_parameters(checkpoint, run.trainable_parameters())

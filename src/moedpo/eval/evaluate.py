@@ -98,6 +98,8 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
         "eval/rewards/accuracies": float((log_prob > -torch.log(torch.tensor(2.0))).float().mean()),
         "eval/mixture_nll": float(-log_prob.mean()),
     }
+    for side in ("chosen", "rejected"):  # TRL's logps/*: per pair, the mean over experts under the predicting weights
+        metrics[f"eval/logps/{side}"] = float((weights * test[f"{side}_logps"]).sum(-1).mean())
     kinds = [e["group"] for e in held_out]
     for j in range(k):
         metrics[f"eval/expert_{j}/rewards/accuracies"] = float((h[:, j] > 0).float().mean())

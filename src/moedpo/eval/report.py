@@ -25,14 +25,21 @@ from moedpo.eval.evaluate import evaluate, user_posteriors
 from moedpo.eval.found import Evidence, calibration, found_lines, write_assignments
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.eval.rewards import checks, resolve_rewards, reward_table
-from moedpo.runs import GATE_FILE
+from moedpo.runs import BEST, GATE_FILE, find_checkpoint
 from moedpo.session import RunSession
 
 
 def write_report(
-    report_dir: Path, metrics: dict, details: dict, examples: list[dict], metrics_path: Path, diagnostics: list[dict]
+    report_dir: Path,
+    metrics: dict,
+    details: dict,
+    examples: list[dict],
+    metrics_path: Path,
+    diagnostics: list[dict],
+    kept: dict | None = None,
 ) -> None:
-    """``eval.json`` (metrics, the named diagnostics, per-example log-probs and weights) and ``training.png``."""
+    """``eval.json`` (metrics, the named diagnostics, per-example log-probs and weights) and ``training.png``;
+    ``kept``: the step ``train.load_best_model_at_end`` kept (``best_model``)."""
     report_dir.mkdir(parents=True, exist_ok=True)
     per_example = [
         {
@@ -45,7 +52,8 @@ def write_report(
         }
         for i, e in enumerate(examples)
     ]
-    saved = {"metrics": metrics, "diagnostics": diagnostics, "examples": per_example}
+    best = {"best_model": kept} if kept else {}
+    saved = {"metrics": metrics, **best, "diagnostics": diagnostics, "examples": per_example}
     (report_dir / "eval.json").write_text(json.dumps(saved, indent=1))
     _plot(report_dir / "training.png", metrics_path, metrics)
 
@@ -128,11 +136,16 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
     lines = [f"# moedpo report: {run_dir.name}", "", f"`{config.data.source}` on `{config.model.name_or_path}`; "
              f"K={config.experts.num_experts} {config.experts.mode} experts, em.scope={config.em.scope}, "
              f"{len(run.data.train)} training and {len(run.data.eval)} held-out pairs.", ""]  # fmt: skip
-    metrics, details = {}, None
+    metrics, details, kept = {}, None, None
     if run.data.eval:
         metrics, details = evaluate(run, run.data.train, run.data.eval)
         metrics.update({"data/num_truncated": run.data.num_truncated, "data/num_dropped": run.data.num_dropped})
-        lines += ["## Held-out pairs", "", "| metric | value |", "|---|---|"]
+        kept = _kept_step(run_dir, config)
+        lines += ["## Held-out pairs", ""]
+        if kept:
+            lines += [f"Parameters of step {kept['step']} of {config.train.max_steps} (train.load_best_model_at_end: "
+                      f"best {kept['metric']}, {kept['value']:.4g}).", ""]  # fmt: skip
+        lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float) and k.count("/") <= 3]
         lines += ["", "![training curves](training.png)", ""]
     # the training annotators' posteriors (K expert passes over every training pair): once, for every section; the
@@ -144,7 +157,7 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         posteriors = posteriors or user_posteriors(run, run.data.train)
     found, named = _found_section(run, run_dir, posteriors, metrics, details)
     if run.data.eval:  # eval.json holds the named diagnostics beside the metrics
-        write_report(out, metrics, details, run.data.eval, run_dir / "metrics.jsonl", named)
+        write_report(out, metrics, details, run.data.eval, run_dir / "metrics.jsonl", named, kept)
     print("\n".join(found), file=sys.stderr, flush=True)
     lines += found
     lines += _types_section(run, out, posteriors)
@@ -156,6 +169,14 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         lines += _rewards_section(session, rewards, n, run_dir, out, posteriors)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _kept_step(run_dir: Path, config) -> dict | None:
+    """The step whose parameters a ``load_best_model_at_end`` run kept: step, metric, value, greater_is_better."""
+    best = find_checkpoint(run_dir, BEST) if config.train.load_best_model_at_end else None
+    if best is None:
+        return None
+    return {k: v for k, v in json.loads((best / "state.json").read_text()).items() if k != "complete"}
 
 
 def _found_section(run, run_dir: Path, posteriors, metrics: dict, details: dict | None) -> list[str]:

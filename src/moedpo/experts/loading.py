@@ -6,6 +6,7 @@ retrying for a minute); ``trust_remote_code`` is off unless the caller turns it 
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -103,3 +104,17 @@ def check_model_name(name: str) -> None:
             f"model.name_or_path={name!r}: a moedpo run directory, not a model folder. Its base model is {base}; "
             f"continue the run with `moedpo train --config {path / 'config.yaml'} --resume`"
         )
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model of a PEFT adapter folder: its ``base_model_name_or_path``, a relative path taken from the
+    adapter folder (moedpo writes ``../../base`` for a run's own base, so a moved run directory still works; PEFT's
+    ``AutoPeftModel*`` would read it from the working directory), else as written (a hub name or absolute folder)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
+    base = json.loads(path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{path}: records no base_model_name_or_path; the base model it was trained on is unknown")
+    local = Path(adapter_dir) / base
+    return str(local.resolve()) if not Path(base).is_absolute() and local.is_dir() else base

@@ -255,7 +255,7 @@ class VariationalEM:
             self.experts.backward(batch, *(leaf.grad for leaf in leaves))
         self.baseline.update(keys, counts, loss.signal)
         q = torch.softmax(latent_site(trace)["fn"].logits.detach().reshape(-1, h.shape[-1]), -1)
-        record = routed_record(q, drawn, route, h.detach(), gate_logits, float(loss.elbo))
+        record = routed_record(q, drawn, route, h.detach(), gate_logits, float(loss.elbo), detached(out))
         return record, EStep(None, q, routed, None)
 
     def gate_penalty(self, batches) -> GatePenalty | None:

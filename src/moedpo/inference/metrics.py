@@ -1,4 +1,5 @@
-"""What one EM step logs, TRL-style: per-expert rewards, responsibilities, gate usage (sums, then means)."""
+"""What one EM step logs, TRL-style: per-expert rewards and log-probs, responsibilities, gate usage (sums, then
+means)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ PER_EXPERT = (
     "rewards/accuracies_per_expert",
     "rewards/chosen",
     "rewards/rejected",
+    "logps/chosen_per_expert",
+    "logps/rejected_per_expert",
 )
+PER_PAIR = ("logps/chosen", "logps/rejected")  # means over pairs, where every record has them
 
 
 def step_record(e: EStep, out: dict, h: torch.Tensor, gate_logits: torch.Tensor, beta: float, shift: float) -> dict:
@@ -38,17 +42,32 @@ def step_record(e: EStep, out: dict, h: torch.Tensor, gate_logits: torch.Tensor,
         chosen, rejected = log_ratios(out)
         record["rewards/chosen"] = beta * chosen.float().sum(0).cpu()
         record["rewards/rejected"] = beta * rejected.float().sum(0).cpu()
+        record.update(_logps(out["chosen_logps"], out["rejected_logps"], e.pair_q))
     return record
 
 
-def routed_record(q, drawn, route, h, gate_logits, elbo: float) -> dict:
+def _logps(chosen: torch.Tensor, rejected: torch.Tensor, weights: torch.Tensor) -> dict:
+    """TRL's ``logps/chosen`` / ``logps/rejected`` (the policy's sequence log-prob of each completion), summed over
+    pairs. A mixture's policy log-prob of a pair is the posterior-weighted mean over experts, sum_k q_ik log pi_k(y|x)
+    (``weights`` (B, K): the responsibilities, or a routed step's one-hot draw); K = 1 gives TRL's value. Each
+    expert's own mean is logged too (``expert_<k>/logps/*``). ``chosen``, ``rejected``: (B, K)."""
+    chosen, rejected, weights = chosen.detach().float(), rejected.detach().float(), weights.detach().float()
+    return {
+        "logps/chosen": float((weights * chosen).sum()),
+        "logps/rejected": float((weights * rejected).sum()),
+        "logps/chosen_per_expert": chosen.sum(0).cpu(),
+        "logps/rejected_per_expert": rejected.sum(0).cpu(),
+    }
+
+
+def routed_record(q, drawn, route, h, gate_logits, elbo: float, out: dict | None = None) -> dict:
     """A routed step's sums: the guide's q (units, K), the drawn experts per unit and per pair, and the drawn
-    expert's margin (``h`` is zero elsewhere)."""
+    expert's margin (``h`` is zero elsewhere) and, from ``out``, its log-probs (the other experts' are zero)."""
     num_experts = q.shape[-1]
     prior = torch.softmax(gate_logits.detach().float().reshape(-1, num_experts), -1)
     drawn_h = h.gather(-1, route.unsqueeze(-1)).squeeze(-1).float()
     q = q.float()
-    return {
+    record = {
         "pairs": h.shape[0],
         "units": q.shape[0],
         "loss": -elbo,
@@ -57,6 +76,11 @@ def routed_record(q, drawn, route, h, gate_logits, elbo: float) -> dict:
         "em/expert_usage": torch.nn.functional.one_hot(drawn, num_experts).float().sum(0).cpu(),
         "gate/usage": prior.sum(0).cpu(),
     }
+    if out is not None and "chosen_logps" in out:
+        drawn_one_hot = torch.nn.functional.one_hot(route, num_experts).to(out["chosen_logps"])
+        logps = _logps(out["chosen_logps"], out["rejected_logps"], drawn_one_hot)
+        record.update({key: logps[key] for key in PER_PAIR})  # only the drawn expert ran: no per-expert means
+    return record
 
 
 def summarise(records: list[dict]) -> dict:
@@ -68,6 +92,9 @@ def summarise(records: list[dict]) -> dict:
         "rewards/accuracies": sum(r["rewards/accuracies"] for r in records) / pairs,
         "em/responsibility_entropy": sum(r["em/responsibility_entropy"] for r in records) / units,
     }
+    for key in PER_PAIR:
+        if all(key in r for r in records):
+            metrics[key] = sum(r[key] for r in records) / pairs
     if all("guide/kl" in r for r in records):
         metrics["guide/kl"] = sum(r["guide/kl"] for r in records) / units
     per_unit = {"em/expert_usage": units, "gate/usage": units}
@@ -83,6 +110,4 @@ def summarise(records: list[dict]) -> dict:
 def _expert_key(key: str, k: int) -> str:
     if key in ("em/expert_usage", "gate/usage"):
         return f"{key}_{k}"
-    if key == "rewards/accuracies_per_expert":
-        return f"expert_{k}/rewards/accuracies"
-    return f"expert_{k}/{key}"
+    return f"expert_{k}/{key.removesuffix('_per_expert')}"  # rewards/accuracies_per_expert: expert_k/rewards/...

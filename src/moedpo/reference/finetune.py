@@ -26,7 +26,8 @@ from moedpo.data.sources import check_consistent, tokenize_data
 from moedpo.experts.loading import resolve_device
 from moedpo.experts.logprobs import selective_log_softmax
 from moedpo.progress import Progress
-from moedpo.runs import CHECKPOINT, MetricsLogger, find_checkpoint, load_checkpoint, lr_scheduler, save_checkpoint
+from moedpo.runs import CHECKPOINT, find_checkpoint, load_checkpoint, lr_scheduler, save_checkpoint
+from moedpo.tracking import MetricsLogger
 
 NO_GATE = torch.nn.Module()  # SFT checkpoints reuse the run directory's format, which has a gate slot
 
