@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import sys
@@ -17,6 +18,7 @@ from moedpo.personalize import personalize
 from moedpo.runs import personalization_path
 from moedpo.session import evaluate_run, generate
 from moedpo.sft import sft
+from moedpo.threads import AUTO, cpu_threads
 from moedpo.training import TrainingInterrupted, train
 
 TRAIN_HELP = "Train K experts and a gate. With no arguments: the built-in world on a tiny model (no downloads)."
@@ -66,32 +68,35 @@ def main(argv=None) -> int:
     # peft 0.21 calls a renamed transformers helper on every wrap; the warning is theirs and says nothing to users
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
+    # train chooses by train.num_threads; the other commands by the cores free now (or OMP_NUM_THREADS)
+    threads = contextlib.nullcontext() if args.command in ("train", "config") else cpu_threads(AUTO)
     try:
-        if args.command == "train":
-            run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
-            print(f"run directory: {run_dir}")
-        elif args.command == "sft":
-            folder = sft(load_config(args.config, args.overrides), resume=args.resume)
-            print(f"model folder: {folder} (use it as model.name_or_path={folder})")
-        elif args.command == "report":
-            print(f"report: {report(args.run_dir, num_prompts=args.num_prompts)}")
-        elif args.command == "config":
-            print(describe(load_config(args.config, args.overrides)), end="")
-        elif args.command == "eval":
-            print(json.dumps(evaluate_run(args.run_dir, args.data), indent=1))
-        elif args.command == "export":
-            _export(args)
-        elif args.command == "personalize":
-            result = personalize(args.run_dir, args.pairs, args.user)
-            print(json.dumps(result.__dict__, indent=1))
-            print(
-                f"saved {personalization_path(args.run_dir, result.user)}; route it with: moedpo generate "
-                f"{args.run_dir} --user {result.user} --prompt ...",
-                file=sys.stderr,
-            )
-        else:
-            expert, text = generate(args.run_dir, args.prompt, args.user, args.expert, args.max_new_tokens)
-            print(f"[expert {expert}] {text}")
+        with threads:
+            if args.command == "train":
+                run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
+                print(f"run directory: {run_dir}")
+            elif args.command == "sft":
+                folder = sft(load_config(args.config, args.overrides), resume=args.resume)
+                print(f"model folder: {folder} (use it as model.name_or_path={folder})")
+            elif args.command == "report":
+                print(f"report: {report(args.run_dir, num_prompts=args.num_prompts)}")
+            elif args.command == "config":
+                print(describe(load_config(args.config, args.overrides)), end="")
+            elif args.command == "eval":
+                print(json.dumps(evaluate_run(args.run_dir, args.data), indent=1))
+            elif args.command == "export":
+                _export(args)
+            elif args.command == "personalize":
+                result = personalize(args.run_dir, args.pairs, args.user)
+                print(json.dumps(result.__dict__, indent=1))
+                print(
+                    f"saved {personalization_path(args.run_dir, result.user)}; route it with: moedpo generate "
+                    f"{args.run_dir} --user {result.user} --prompt ...",
+                    file=sys.stderr,
+                )
+            else:
+                expert, text = generate(args.run_dir, args.prompt, args.user, args.expert, args.max_new_tokens)
+                print(f"[expert {expert}] {text}")
     except (ConfigError, PreferenceDataError, FileExistsError, FileNotFoundError) as err:  # one line, no traceback
         print(f"moedpo {args.command}: error: {err}", file=sys.stderr)
         return 2

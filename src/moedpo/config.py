@@ -99,6 +99,7 @@ class TrainConfig:
     disable_dropout: bool = True  # as TRL: zero the base model's dropout (experts.lora_dropout still applies)
     bf16: str = "auto"  # auto (bf16 autocast on CUDA) | true | false
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    num_threads: Any = "auto"  # PyTorch CPU threads: auto (the cores other work leaves free now) | N >= 1
     eval_steps: int = 50  # held-out evaluation every N steps (0: only at the end; TRL's name; was eval_every)
     save_steps: int = 25  # checkpoint for --resume every N steps (0: only at the end; was checkpoint_every)
     logging_steps: int = 1  # metrics.jsonl line every N steps (TRL's name; was logging_every)
@@ -345,6 +346,9 @@ def validate(config: Config) -> None:
             value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
             raise ConfigError(f"{key}={value!r}: expected {expected}")
     report_to_names(config.train.report_to)
+    threads = config.train.num_threads
+    if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"train.num_threads={threads!r}: expected auto or an integer >= 1")
     if config.train.load_best_model_at_end and not config.train.eval_steps:
         raise ConfigError("train.load_best_model_at_end=true compares held-out evaluations: set train.eval_steps > 0")
     if config.train.load_best_model_at_end and not (config.data.eval_fraction or config.data.eval_source):

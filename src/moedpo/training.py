@@ -46,6 +46,7 @@ from moedpo.runs import (
     save_checkpoint,
 )
 from moedpo.session import RunSession
+from moedpo.threads import cores, cpu_threads
 from moedpo.tracking import MetricsLogger, resolve_report_to
 
 
@@ -106,26 +107,29 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     run_dir = rundir.output_dir(config, resume, dp.enabled)
     if dp.is_main:  # before the scratch reference and the data, which can take minutes
         rundir.check(run_dir, resume, t.overwrite)
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    own = run_dir if resume and (run_dir / DATA_FILE).exists() else None  # --resume: the run's own data and base
-    run = build_run(config, dp.device(t.device), saved=own)
-    if t.load_best_model_at_end and not run.data.eval:
-        raise ConfigError("train.load_best_model_at_end=true: the data gave no held-out pairs to compare steps on")
-    with rundir.RunLock(run_dir) if dp.is_main else contextlib.nullcontext():
-        if dp.is_main:
-            rundir.prepare(config, run_dir, resume, run.tokenizer, run.base, run.data)
-            _announce(run, run_dir)
-        dp.barrier()
-        return _train(run, run_dir, resume, dp)
+    with cpu_threads(t.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) as threads:
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        own = run_dir if resume and (run_dir / DATA_FILE).exists() else None  # --resume: the run's own data and base
+        run = build_run(config, dp.device(t.device), saved=own)
+        if t.load_best_model_at_end and not run.data.eval:
+            raise ConfigError("train.load_best_model_at_end=true: the data gave no held-out pairs to compare steps on")
+        with rundir.RunLock(run_dir) if dp.is_main else contextlib.nullcontext():
+            if dp.is_main:
+                rundir.prepare(config, run_dir, resume, run.tokenizer, run.base, run.data)
+                _announce(run, run_dir, threads)
+            dp.barrier()
+            return _train(run, run_dir, resume, dp)
 
 
-def _announce(run: Run, run_dir: Path) -> None:
+def _announce(run: Run, run_dir: Path, threads: int) -> None:
     d, config = run.data, run.config
+    cpu = f"; {threads} CPU thread{'s' * (threads > 1)} of {len(cores())} cores (train.num_threads)"
     print(
         f"moedpo: run directory {run_dir}; {len(d.train)} training and {len(d.eval)} held-out pairs, "
         f"{d.num_truncated} truncated, {d.num_dropped} dropped (prompt >= data.max_length as TRL, or chosen "
-        f"equals rejected); em.scope={config.em.scope} over {len(d.user_ids)} annotators; {d.split}",
+        f"equals rejected); em.scope={config.em.scope} over {len(d.user_ids)} annotators; {d.split}"
+        f"{cpu if run.bank.device.type == 'cpu' else ''}",
         file=sys.stderr,
         flush=True,
     )

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from moedpo.cli import main
 from moedpo.config import ConfigError, load_config
 from moedpo.runs import find_checkpoint, read_metrics
+from moedpo.threads import cores
 from moedpo.training import train
 
 SMALL = ["model.hidden_size=32", "data.annotators_per_type=3", "data.pairs_per_annotator=12"]
@@ -207,10 +208,14 @@ def test_rows_trl_trains_on_do_not_stop_the_run(tmp_path):
 
 def test_progress_lines_without_a_terminal(tmp_path, capsys):
     """Under nohup/slurm/CI (stderr not a TTY): the run directory first, then periodic lines with step, loss,
-    accuracy, steps/s and ETA (before: nothing until the end)."""
-    train(config(tmp_path, "train.max_steps=40", "train.eval_steps=0"))
+    accuracy, steps/s and ETA (before: nothing until the end); the first says the CPU threads it chose, and the
+    process has its own count back afterwards."""
+    before = torch.get_num_threads()
+    train(config(tmp_path, "train.max_steps=40", "train.eval_steps=0", "train.num_threads=1"))
+    assert torch.get_num_threads() == before
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moedpo: ")]
     assert err[0].startswith(f"moedpo: run directory {tmp_path / 'run'}")
+    assert err[0].endswith(f"; 1 CPU thread of {len(cores())} cores (train.num_threads)")
     steps = [line for line in err if line.startswith("moedpo: step ")]
     assert len(steps) == 20 and steps[-1].startswith("moedpo: step 40/40 loss ")
     assert "steps/s ETA" in steps[0] and " acc " in steps[0]
