@@ -76,6 +76,8 @@ class EMConfig:
     label_smoothing: float = 0.0  # robust / conservative DPO link, in [0, 0.5)
     init: str = "auto"  # data (annotators clustered by their pairs' token contrasts) | symmetric | auto (user: data)
     init_steps: int = 30  # data init: E-steps whose prior leans on the clusters, with a weight falling to 0
+    restarts: int = 1  # short runs from different starts (the em.init one, then random partitions); best continues
+    restart_steps: int = 30  # steps of each restart; the best is ranked by held-out mixture NLL (else training)
     m_steps: int = 1  # M-step updates per E-step (the learning-rate schedule counts EM steps)
     load_balance: float = 0.0  # weight of the Switch-style load-balancing term on the gate
     usage_entropy: float = 0.0  # weight of -H(mean gate weights): spreads use over experts
@@ -323,6 +325,12 @@ def validate(config: Config) -> None:
         (config.experts.num_experts >= 1, "experts.num_experts", "an integer >= 1"),
         (config.em.m_steps >= 1, "em.m_steps", "an integer >= 1"),
         (config.em.init_steps >= 0, "em.init_steps", "an integer >= 0"),
+        (config.em.restarts >= 1, "em.restarts", "an integer >= 1 (1: no restarts)"),
+        (
+            config.em.restarts == 1 or 1 <= config.em.restart_steps < config.train.max_steps,
+            "em.restart_steps",
+            "an integer in [1, train.max_steps) when em.restarts > 1",
+        ),
         (config.em.beta > 0, "em.beta", "a number > 0 (the KL strength; DPO papers use 0.1-0.5)"),
         (0 <= config.em.label_smoothing < 0.5, "em.label_smoothing", "a number in [0, 0.5)"),
         (0 <= config.data.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)"),

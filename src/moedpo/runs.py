@@ -31,6 +31,7 @@ DATA_FILE = "data.json"
 REFERENCE_FILE = "reference_logps.safetensors"
 GUIDE_FILE = "guide.safetensors"
 GATE_FILE = "gate.safetensors"
+RESTARTS_FILE = "restarts.json"  # em.restarts: each restart's score, the kept one, the agreement of the best two
 PERSONALIZED = "personalized"
 
 

@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import threading
+from itertools import count
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from moedpo.eval.report import report
 from moedpo.eval.rewards import resolve_rewards
 from moedpo.inference import VariationalEM
 from moedpo.progress import Progress
+from moedpo.restarts import run_restarts
 from moedpo.runs import (
     DATA_FILE,
     GATE_FILE,
@@ -152,19 +154,28 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
     user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, run.tokenizer.pad_token_id
     per_batch = t.users_per_batch if user_scope else t.per_device_train_batch_size * dp.world_size  # global batch
     plan = BatchPlan.for_examples(run.data.train, user_scope, per_batch, t.seed)
-    progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
     checkpoint = lambda step: save_checkpoint(  # noqa: E731
         run_dir, step, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict()
     )
+
+    def one_step(step: int, bar: Progress, shown: int) -> dict:
+        shards = [plan(step * acc + i, dp.shard) for i in range(acc)]  # this process's share; may be empty
+        loss = loop.step(*[collate(examples, pad) if examples else None for examples in shards])
+        metrics = {**loop.metrics, "learning_rate": scheduler.get_last_lr()[0], "world_size": dp.world_size}
+        metrics["epoch"] = (step + 1) * acc / plan.per_epoch
+        bar.update(shown, loss=loss, acc=loop.metrics.get("rewards/accuracies", float("nan")))
+        return metrics
+
     with StopRequest(enabled=not dp.enabled) as stop:
+        if config.em.restarts > 1 and start == 0:
+            start = _restarts(run, run_dir, loop, params, optimizer, scheduler, one_step, logger, dp)
+            if dp.is_main:
+                checkpoint(start)
+        progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
         for step in range(start, t.max_steps):
-            shards = [plan(step * acc + i, dp.shard) for i in range(acc)]  # this process's share; may be empty
-            loss = loop.step(*[collate(examples, pad) if examples else None for examples in shards])
+            metrics = one_step(step, progress, step + 1)
             if logger is not None:
-                metrics = {**loop.metrics, "learning_rate": scheduler.get_last_lr()[0], "world_size": dp.world_size}
-                metrics["epoch"] = (step + 1) * acc / plan.per_epoch
                 _log_step(run, logger, best, step + 1, metrics, params)
-            progress.update(step + 1, loss=loss, acc=loop.metrics.get("rewards/accuracies", float("nan")))
             periodic = t.save_steps and (step + 1) % t.save_steps == 0
             if dp.is_main and step + 1 < t.max_steps and (periodic or stop.requested):
                 checkpoint(step + 1)
@@ -185,6 +196,22 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
     dp.barrier()
     dp.close()
     return run_dir
+
+
+def _restarts(run: Run, run_dir: Path, loop, params, optimizer, scheduler, one_step, logger, dp) -> int:
+    """``em.restarts`` (:mod:`moedpo.restarts`): the best restart's state and metrics lines; returns its step."""
+    em = run.config.em
+    bar, shown = Progress(0, em.restarts * em.restart_steps, "moedpo restarts", enabled=dp.is_main), count(1)
+    step_fn = lambda step: one_step(step, bar, next(shown))  # noqa: E731
+    summary, lines = run_restarts(run, loop, params, optimizer, scheduler, em.restarts, em.restart_steps, step_fn)
+    bar.close()
+    if dp.is_main:
+        print(summary.line(), file=sys.stderr, flush=True)
+        summary.save(run_dir)
+        for done, metrics in enumerate(lines, 1):
+            if done % run.config.train.logging_steps == 0:
+                logger.log(done, {**metrics, "em/restart": summary.kept})
+    return em.restart_steps
 
 
 def _loggers(run: Run, run_dir: Path, resume_step: int | None) -> tuple[MetricsLogger, BestModel | None]:

@@ -47,12 +47,16 @@ def latent_posterior(run, h: torch.Tensor, gate_logits: torch.Tensor, extra: dic
     (evaluation, routing, ``personalize``, the report): the E-step of training, :func:`moedpo.inference.e_step`.
 
     ``h`` (B, K) margins; ``gate_logits`` and ``extra`` as the gate gives them (``extra``: e.g. ``user_index``)."""
+    q = _exact_e_step(run, h, gate_logits, extra).gate_q
+    return q.reshape(-1, q.shape[-1])  # float64
+
+
+def _exact_e_step(run, h: torch.Tensor, gate_logits: torch.Tensor, extra: dict):
     beta, smoothing = run.config.em.beta, run.config.em.label_smoothing
     h = h.double()
     args = (h, gate_logits.cpu().double(), beta, torch.ones(h.shape[0], dtype=h.dtype))
     kwargs = {"label_smoothing": smoothing, **{k: v.cpu() for k, v in extra.items()}}
-    q = e_step(run.model, args, kwargs, beta, smoothing, run.model.max_plate_nesting).gate_q
-    return q.reshape(-1, q.shape[-1])  # float64
+    return e_step(run.model, args, kwargs, beta, smoothing, run.model.max_plate_nesting)
 
 
 @torch.no_grad()
@@ -62,6 +66,16 @@ def user_posteriors(run, examples: list[dict], fit: dict | None = None) -> tuple
     batch = gate_batch(examples)
     logits, extra = run.gate.logits(batch, fit["features"].to(run.bank.device))
     return torch.unique(batch["user"]), latent_posterior(run, fit["h"], logits, extra).float()
+
+
+@torch.no_grad()
+def log_evidence(run, examples: list[dict]) -> tuple[float, torch.Tensor]:
+    """(log p(pairs) per pair under the run's model, gate and experts; the latent's posterior (units, K)) of
+    ``examples``, all in one exact E-step (``em.restarts`` ranks its starts by it without held-out pairs)."""
+    fit = bank_margins(run.bank, examples, run.tokenizer.pad_token_id)
+    logits, extra = run.gate.logits(gate_batch(examples), fit["features"].to(run.bank.device))
+    e = _exact_e_step(run, fit["h"], logits, extra)
+    return float(e.post.log_evidence) / len(examples), e.gate_q.reshape(-1, e.gate_q.shape[-1]).float()
 
 
 def predictive_log_prob(h: torch.Tensor, weights: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:

@@ -25,6 +25,7 @@ def write_assignments(path: Path, names: list[str], q: torch.Tensor) -> None:
 
 CALIBRATION_GAP = 0.25  # mean posterior confidence above the share its top expert predicts best: overconfident
 START_AGREEMENT = 0.5  # ARI between the data start's clusters and the trained posteriors' assignment
+RESTART_AGREEMENT = 0.8  # ARI between the assignments of the best two em.restarts
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Evidence:
     dpo_accuracy: float | None = None
     calibration: tuple[float, float] | None = None  # (mean confidence, share whose top expert is best held out)
     start_agreement: float | None = None  # ARI(data start's clusters, trained assignment)
+    restart_agreement: float | None = None  # ARI between the best two em.restarts' assignments
 
 
 def calibration(q: torch.Tensor, ids: torch.Tensor, h: torch.Tensor, users: torch.Tensor, beta: float):
@@ -104,6 +106,11 @@ def diagnostics(e: Evidence) -> list[dict]:
         out.append(("start_disagrees", f"The data start's clusters and the trained experts' assignment agree "
                     f"little (ARI {e.start_agreement:.2f}): the types are not identified by this data, or training "
                     "drifted from them (a lower learning rate; more pairs per annotator)."))  # fmt: skip
+    if e.restart_agreement is not None and e.restart_agreement < RESTART_AGREEMENT:
+        out.append(("restarts_disagree", f"The best two of em.restarts split the {unit} differently (ARI "
+                    f"{e.restart_agreement:.2f} < {RESTART_AGREEMENT}): the types are not identified by this data, "
+                    "and the kept answer depends on the start. More pairs per annotator or fewer experts help; "
+                    "RUN/restarts.json has each restart's score."))  # fmt: skip
     if None not in (e.mixture_accuracy, e.dpo_accuracy) and e.mixture_accuracy < e.dpo_accuracy:
         out.append(("below_dpo", f"Held-out accuracy {e.mixture_accuracy:.3f} is below one DPO policy's "
                     f"({e.dpo_accuracy:.3f}, RUN/dpo): the mixture does not beat K=1 on this data."))  # fmt: skip

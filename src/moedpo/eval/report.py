@@ -25,7 +25,7 @@ from moedpo.eval.evaluate import evaluate, user_posteriors
 from moedpo.eval.found import Evidence, calibration, found_lines, write_assignments
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.eval.rewards import checks, resolve_rewards, reward_table
-from moedpo.runs import BEST, GATE_FILE, find_checkpoint
+from moedpo.runs import BEST, GATE_FILE, RESTARTS_FILE, find_checkpoint
 from moedpo.session import RunSession
 
 
@@ -204,8 +204,11 @@ def _found_section(run, run_dir: Path, posteriors, metrics: dict, details: dict 
             accuracy[j] = float((h[rows, j] > 0).float().mean())
     dpo = run_dir / "dpo" / "report" / "eval.json"
     dpo_accuracy = json.loads(dpo.read_text())["metrics"].get("eval/rewards/accuracies") if dpo.exists() else None
+    restarts = run_dir / RESTARTS_FILE
+    restart_agreement = json.loads(restarts.read_text())["agreement"] if restarts.exists() else None
     evidence = Evidence(assigned, confidence, k, unit, metrics.get("eval/mixture_nll"),
-                        metrics.get("eval/rewards/accuracies"), dpo_accuracy)  # fmt: skip
+                        metrics.get("eval/rewards/accuracies"), dpo_accuracy,
+                        restart_agreement=restart_agreement)  # fmt: skip
     if posteriors is not None and h is not None:
         users = torch.tensor([e["user"] for e in held_out], dtype=torch.long)
         start = build_start(run.config, run.data)  # what training began from (None: it did not)

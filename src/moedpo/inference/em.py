@@ -321,12 +321,16 @@ class VariationalEM:
         return step_record(e, out, h, gate_logits, self.beta, shift)
 
     def state_dict(self) -> dict:
-        """What a resumed run needs beyond parameters and optimizer: the score-function baselines (plain JSON)."""
-        return {"baseline": self.baseline.state_dict()}
+        """What a resumed run needs beyond parameters and optimizer (plain JSON): the score-function baselines and
+        the start its first E-steps lean on (``em.restarts`` may have kept one that the config does not rebuild)."""
+        start = {"start": self.start.to_json()} if self.start is not None else {}
+        return {"baseline": self.baseline.state_dict(), **start}
 
     def load_state_dict(self, state: dict) -> None:
         if "baseline" in state:
             self.baseline.load_state_dict(state["baseline"])
+        if "start" in state:
+            self.start = Start.from_json(state["start"])
 
     def apply_gradients(self) -> None:
         """Sum gradients over processes, clip, step the optimizer. A guide's parameters are clipped on their own:

@@ -91,17 +91,38 @@ class Start:
                 prior[row] = 1 / self.num_experts
         return weight * prior.log()
 
+    def to_json(self) -> dict:
+        """Plain JSON for a checkpoint's ``loop.json`` (a resumed run leans on the same clusters)."""
+        rows = [[kind, unit, c] for (kind, unit), c in sorted(self.clusters.items())]
+        return {"clusters": rows, "num_experts": self.num_experts, "steps": self.steps}
 
-def data_start(examples: list[dict], num_experts: int, by_user: bool, steps: int, seed: int) -> Start:
-    """Cluster the training examples' units (annotators when ``by_user``, else pairs) from their contrasts."""
+    @classmethod
+    def from_json(cls, state: dict) -> Start:
+        clusters = {(kind, unit): c for kind, unit, c in state["clusters"]}
+        return cls(clusters, state["num_experts"], state["steps"])
+
+
+def units(examples: list[dict], by_user: bool) -> tuple[list[tuple[str, int]], torch.Tensor]:
+    """The latent units' keys (annotators when ``by_user``, else pairs) and each example's unit, (N,) long."""
     if by_user:
         ids = sorted({e["user"] for e in examples})
         position = {u: j for j, u in enumerate(ids)}
-        owner = torch.tensor([position[e["user"]] for e in examples])
-        keys = [("user", u) for u in ids]
-    else:
-        owner = torch.arange(len(examples))
-        keys = [("pair", e["index"]) for e in examples]
+        return [("user", u) for u in ids], torch.tensor([position[e["user"]] for e in examples])
+    return [("pair", e["index"]) for e in examples], torch.arange(len(examples))
+
+
+def random_start(examples: list[dict], num_experts: int, by_user: bool, steps: int, seed: int) -> Start:
+    """A random balanced partition of the units (``em.restarts``: a start that knows nothing of the data)."""
+    keys, _ = units(examples, by_user)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed))
+    labels = torch.empty(len(keys), dtype=torch.long)
+    labels[order] = torch.arange(len(keys)) % num_experts
+    return Start(dict(zip(keys, labels.tolist())), num_experts, steps)
+
+
+def data_start(examples: list[dict], num_experts: int, by_user: bool, steps: int, seed: int) -> Start:
+    """Cluster the training examples' units (annotators when ``by_user``, else pairs) from their contrasts."""
+    keys, owner = units(examples, by_user)
     embedding = unit_embedding(token_contrasts(examples), owner, len(keys), num_experts)
     labels = cluster(embedding, num_experts, seed)
     return Start(dict(zip(keys, labels.tolist())), num_experts, steps)
