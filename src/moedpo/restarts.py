@@ -42,11 +42,6 @@ class RestartSummary:
     def save(self, run_dir: Path) -> None:
         (run_dir / RESTARTS_FILE).write_text(json.dumps(asdict(self), indent=1))
 
-    @classmethod
-    def load(cls, run_dir: Path) -> RestartSummary | None:
-        path = run_dir / RESTARTS_FILE
-        return cls(**json.loads(path.read_text())) if path.exists() else None
-
     def line(self) -> str:
         scores = ", ".join(f"{s:.4f} ({kind})" for s, kind in zip(self.scores, self.starts))
         agree = f"; ARI between the best two {self.agreement:.2f}" if self.agreement is not None else ""
