@@ -42,7 +42,8 @@ class DataConfig:
 @dataclass
 class ExpertsConfig:
     mode: str = "lora"  # lora | heads | independent
-    num_experts: int = 2  # K: expert policies (latent annotator types)
+    num_experts: Any = 2  # K: expert policies (latent annotator types) | auto (chosen by held-out NLL, 1..max_experts)
+    max_experts: int = 4  # num_experts=auto: the largest K tried (at most the training annotators, user scope)
     lora_r: int = 8  # LoRA rank of each expert
     lora_alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
     lora_dropout: float = 0.0  # dropout on the LoRA input, in the update only
@@ -77,7 +78,7 @@ class EMConfig:
     init: str = "auto"  # data (annotators clustered by their pairs' token contrasts) | symmetric | auto (user: data)
     init_steps: int = 30  # data init: E-steps whose prior leans on the clusters, with a weight falling to 0
     restarts: int = 1  # short runs from different starts (the em.init one, then random partitions); best continues
-    restart_steps: int = 30  # steps of each restart; the best is ranked by held-out mixture NLL (else training)
+    restart_steps: int = 30  # steps of each restart and of each K under num_experts=auto (ranked by held-out NLL)
     m_steps: int = 1  # M-step updates per E-step (the learning-rate schedule counts EM steps)
     load_balance: float = 0.0  # weight of the Switch-style load-balancing term on the gate
     usage_entropy: float = 0.0  # weight of -H(mean gate weights): spreads use over experts
@@ -316,13 +317,32 @@ CHOICES = {
 }
 
 
+def _validate_auto_k(config: Config) -> None:
+    e, k = config.experts, config.experts.num_experts
+    if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ConfigError(f"experts.num_experts={k!r}: expected an integer >= 1, or auto")
+    if k != "auto":
+        return
+    problems = [
+        (e.max_experts >= 2, f"experts.max_experts={e.max_experts!r}: expected an integer >= 2"),
+        (1 <= config.em.restart_steps < config.train.max_steps,
+         f"em.restart_steps={config.em.restart_steps!r}: each K runs that many steps; expected [1, train.max_steps)"),
+        (bool(config.data.eval_fraction or config.data.eval_source),
+         "it compares K on held-out pairs: set data.eval_fraction > 0 or data.eval_source"),
+        (not e.reference_adapters, "experts.reference_adapters names one adapter per expert: set num_experts"),
+    ]  # fmt: skip
+    for ok, problem in problems:
+        if not ok:
+            raise ConfigError(f"experts.num_experts=auto: {problem}")
+
+
 def validate(config: Config) -> None:
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key}={value!r}: expected one of {choices}")
+    _validate_auto_k(config)
     checks = [
-        (config.experts.num_experts >= 1, "experts.num_experts", "an integer >= 1"),
         (config.em.m_steps >= 1, "em.m_steps", "an integer >= 1"),
         (config.em.init_steps >= 0, "em.init_steps", "an integer >= 0"),
         (config.em.restarts >= 1, "em.restarts", "an integer >= 1 (1: no restarts)"),

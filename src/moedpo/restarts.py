@@ -17,6 +17,7 @@ good optima that split the annotators differently mean the answer depends on luc
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -27,7 +28,9 @@ import torch
 from moedpo.eval.evaluate import evaluate, log_evidence
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.inference.start import random_start
+from moedpo.progress import Progress
 from moedpo.runs import RESTARTS_FILE
+from moedpo.trainloop import LoopParts
 
 
 @dataclass
@@ -51,27 +54,30 @@ class RestartSummary:
         )
 
 
-def run_restarts(run, loop, params: dict, optimizer, scheduler, count: int, steps: int, step_fn) -> tuple:
-    """Run ``count`` restarts of ``steps`` calls of ``step_fn(step) -> metrics``, leave the loop, parameters,
-    optimizer, scheduler and random state at the best one's last step; returns (summary, its metrics per step)."""
-    config = run.config
-    first = loop.start
+def run_restarts(parts: LoopParts, label: str = "moedpo restarts") -> tuple[RestartSummary, list[dict]]:
+    """``em.restarts`` runs of ``em.restart_steps`` steps of the loop, which is left, with its parameters, optimizer,
+    scheduler and random state, at the best one's last step; returns (summary, its metrics per step)."""
+    run, config = parts.run, parts.run.config
+    count, steps = config.em.restarts, config.em.restart_steps
+    first = parts.loop.start
     starts = [first] + [
         random_start(run.data.train, config.experts.num_experts, config.em.scope == "user",
                      config.em.init_steps, config.train.seed + r)
         for r in range(1, count)
     ]  # fmt: skip
     kinds = ["data" if first is not None else "symmetric"] + ["random"] * (count - 1)
-    origin, results = _state(run, params, optimizer, scheduler, loop), []
+    bar, shown = Progress(0, count * steps, label, enabled=parts.dp.is_main), itertools.count(1)
+    origin, results = snapshot(parts), []
     for start in starts:
-        _restore(origin, run, params, optimizer, scheduler, loop)
-        loop.start = start
-        lines = [step_fn(step) for step in range(steps)]
+        restore(origin, parts)
+        parts.loop.start = start
+        lines = [parts.step(step, bar, next(shown)) for step in range(steps)]
         score, labels = _score(run)
-        results.append((score, labels, _state(run, params, optimizer, scheduler, loop), lines))
+        results.append((score, labels, snapshot(parts), lines))
+    bar.close()
     order = sorted(range(count), key=lambda r: results[r][0])
     kept = order[0]
-    _restore(results[kept][2], run, params, optimizer, scheduler, loop)
+    restore(results[kept][2], parts)
     agreement = adjusted_rand_index(results[order[0]][1], results[order[1]][1]) if count > 1 else None
     criterion = "eval/mixture_nll" if run.data.eval else "train/nll"
     summary = RestartSummary(criterion, [r[0] for r in results], kinds, kept, agreement, steps)
@@ -89,27 +95,29 @@ def _score(run) -> tuple[float, torch.Tensor]:
     return -evidence, q.argmax(-1)
 
 
-def _state(run, params: dict, optimizer, scheduler, loop) -> dict:
+def snapshot(parts: LoopParts) -> dict:
+    """Everything the loop's next steps depend on, copied."""
     return {
-        "params": {k: p.detach().clone() for k, p in params.items()},
-        "gate": copy.deepcopy(run.gate.state_dict()),
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
-        "scheduler": copy.deepcopy(scheduler.state_dict()),
-        "loop": copy.deepcopy(loop.state_dict()),
-        "start": loop.start,
-        "num_steps": loop.num_steps,
+        "params": {k: p.detach().clone() for k, p in parts.params.items()},
+        "gate": copy.deepcopy(parts.run.gate.state_dict()),
+        "optimizer": copy.deepcopy(parts.optimizer.state_dict()),
+        "scheduler": copy.deepcopy(parts.scheduler.state_dict()),
+        "loop": copy.deepcopy(parts.loop.state_dict()),
+        "start": parts.loop.start,
+        "num_steps": parts.loop.num_steps,
         "rng": (torch.get_rng_state(), random.getstate()),
     }
 
 
-def _restore(state: dict, run, params: dict, optimizer, scheduler, loop) -> None:
+def restore(state: dict, parts: LoopParts) -> None:
+    """The loop, parameters, optimizer, scheduler and random state as :func:`snapshot` found them."""
     with torch.no_grad():
-        for k, p in params.items():
+        for k, p in parts.params.items():
             p.copy_(state["params"][k])
-    run.gate.load_state_dict(copy.deepcopy(state["gate"]))
-    optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-    scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
-    loop.load_state_dict(copy.deepcopy(state["loop"]))
-    loop.start, loop.num_steps = state["start"], state["num_steps"]
+    parts.run.gate.load_state_dict(copy.deepcopy(state["gate"]))
+    parts.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+    parts.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
+    parts.loop.load_state_dict(copy.deepcopy(state["loop"]))
+    parts.loop.start, parts.loop.num_steps = state["start"], state["num_steps"]
     torch.set_rng_state(state["rng"][0])
     random.setstate(state["rng"][1])

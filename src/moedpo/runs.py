@@ -32,6 +32,7 @@ REFERENCE_FILE = "reference_logps.safetensors"
 GUIDE_FILE = "guide.safetensors"
 GATE_FILE = "gate.safetensors"
 RESTARTS_FILE = "restarts.json"  # em.restarts: each restart's score, the kept one, the agreement of the best two
+K_SELECTION_FILE = "k_selection.json"  # experts.num_experts=auto: each K's held-out NLL, the K chosen and why
 PERSONALIZED = "personalized"
 
 

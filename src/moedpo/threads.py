@@ -12,8 +12,10 @@ then wall time from start to report):
 
 ``auto`` samples the busy share of this process's cores for 0.2 s (``/proc/stat``; elsewhere the 1-minute load
 average) and takes the free ones, at least 1 and at most the cores divided among the local processes. An
-``OMP_NUM_THREADS`` in the environment (``torchrun`` sets 1) is the user's choice and is kept. The losses and
-gradients of the small Llamas we test do not change in any bit between 1 and 2 threads.
+``OMP_NUM_THREADS`` in the environment (``torchrun`` sets 1) is the user's choice and is kept. One step's losses
+and gradients agree to rounding between 1 and 2 threads, but the rounding compounds: a small Llama's LoRA weights
+were 2e-4 apart after 40 steps, so a run is repeatable bit for bit only at the same count (set it, or
+OMP_NUM_THREADS, when that matters).
 """
 
 from __future__ import annotations

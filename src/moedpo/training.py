@@ -15,41 +15,35 @@ import random
 import signal
 import sys
 import threading
-from itertools import count
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.torch import save_file
 
-from moedpo import rundir
+from moedpo import kselection, rundir
 from moedpo.assembly import Run, build_run
-from moedpo.assembly.components import build_start
 from moedpo.config import Config, ConfigError, load_config, save_config
-from moedpo.data.batching import BatchPlan
-from moedpo.data.tokenize import collate
 from moedpo.distributed import DataParallel
 from moedpo.eval.evaluate import evaluate
 from moedpo.eval.report import report
 from moedpo.eval.rewards import resolve_rewards
-from moedpo.inference import VariationalEM
 from moedpo.progress import Progress
 from moedpo.restarts import run_restarts
 from moedpo.runs import (
     DATA_FILE,
     GATE_FILE,
     GUIDE_FILE,
-    REFERENCE_FILE,
+    K_SELECTION_FILE,
     BestModel,
     best_metric,
     find_checkpoint,
     load_checkpoint,
-    lr_scheduler,
     save_checkpoint,
 )
 from moedpo.session import RunSession
 from moedpo.threads import cores, cpu_threads
 from moedpo.tracking import MetricsLogger, resolve_report_to
+from moedpo.trainloop import LoopParts, loop_parts, reference_once
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -113,7 +107,8 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         own = run_dir if resume and (run_dir / DATA_FILE).exists() else None  # --resume: the run's own data and base
-        run = build_run(config, dp.device(t.device), saved=own)
+        config, auto = _resolve_auto(config, run_dir, resume)
+        run = build_run(kselection.with_k(config, 1) if auto else config, dp.device(t.device), saved=own)
         if t.load_best_model_at_end and not run.data.eval:
             raise ConfigError("train.load_best_model_at_end=true: the data gave no held-out pairs to compare steps on")
         with rundir.RunLock(run_dir) if dp.is_main else contextlib.nullcontext():
@@ -121,7 +116,17 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
                 rundir.prepare(config, run_dir, resume, run.tokenizer, run.base, run.data)
                 _announce(run, run_dir, threads)
             dp.barrier()
-            return _train(run, run_dir, resume, dp)
+            return _train(run, run_dir, resume, dp, kselection.candidates(config, run.data) if auto else None)
+
+
+def _resolve_auto(config: Config, run_dir: Path, resume: bool) -> tuple[Config, bool]:
+    """(the config, whether K is still to be chosen): a ``--resume`` of an ``auto`` run keeps the K it chose."""
+    if config.experts.num_experts != "auto":
+        return config, False
+    chosen = run_dir / K_SELECTION_FILE
+    if resume and chosen.exists():
+        return kselection.with_k(config, json.loads(chosen.read_text())["chosen"]), False
+    return config, True
 
 
 def _announce(run: Run, run_dir: Path, threads: int) -> None:
@@ -137,43 +142,37 @@ def _announce(run: Run, run_dir: Path, threads: int) -> None:
     )
 
 
-def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
-    """The loop: reference pass, optimizer, (resume), steps with logging, evaluation and checkpoints, artefacts."""
+def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int] | None = None) -> Path:
+    """The loop: reference pass, (K chosen: ``ks``), optimizer, (resume), steps with logging, evaluation and
+    checkpoints, artefacts."""
+    reference_once(run, run_dir, dp)
+    chosen = kselection.select_k(run.config, run_dir, dp, ks) if ks else None
+    parts = chosen.parts if chosen is not None else loop_parts(run, dp)
+    run, params, loop = parts.run, parts.params, parts.loop
     config, t = run.config, run.config.train
-    _reference_once(run, run_dir, dp)
-    params = run.trainable_parameters()
-    optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = lr_scheduler(optimizer, t.lr_scheduler_type, t.warmup_steps, t.max_steps)
-    loop = _em_loop(run, optimizer, scheduler, dp)
-    start = load_checkpoint(find_checkpoint(run_dir), params, run.gate, optimizer, scheduler, loop) if resume else 0
-    loop.num_steps = start
-    if resume and dp.is_main:  # only now that the checkpoint fits: record the continued run's config
-        save_config(config, run_dir / "config.yaml", notes=(f"em.scope={config.em.scope}; {run.data.split}",))
+    optimizer, scheduler, start = parts.optimizer, parts.scheduler, 0
+    if resume:
+        start = loop.num_steps = load_checkpoint(find_checkpoint(run_dir), params, run.gate, optimizer, scheduler, loop)
+    if (resume or chosen is not None) and dp.is_main:  # only now that the checkpoint fits, or K is known
+        notes = (f"em.scope={config.em.scope}; {run.data.split}",)
+        notes += (chosen.selection.line().removeprefix("moedpo: "),) if chosen is not None else ()
+        save_config(config, run_dir / "config.yaml", notes=notes)
 
     logger, best = _loggers(run, run_dir, start if resume else None) if dp.is_main else (None, None)
-    user_scope, acc, pad = config.em.scope == "user", t.gradient_accumulation_steps, run.tokenizer.pad_token_id
-    per_batch = t.users_per_batch if user_scope else t.per_device_train_batch_size * dp.world_size  # global batch
-    plan = BatchPlan.for_examples(run.data.train, user_scope, per_batch, t.seed)
     checkpoint = lambda step: save_checkpoint(  # noqa: E731
         run_dir, step, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict()
     )
 
-    def one_step(step: int, bar: Progress, shown: int) -> dict:
-        shards = [plan(step * acc + i, dp.shard) for i in range(acc)]  # this process's share; may be empty
-        loss = loop.step(*[collate(examples, pad) if examples else None for examples in shards])
-        metrics = {**loop.metrics, "learning_rate": scheduler.get_last_lr()[0], "world_size": dp.world_size}
-        metrics["epoch"] = (step + 1) * acc / plan.per_epoch
-        bar.update(shown, loss=loss, acc=loop.metrics.get("rewards/accuracies", float("nan")))
-        return metrics
-
     with StopRequest(enabled=not dp.enabled) as stop:
-        if config.em.restarts > 1 and start == 0:
-            start = _restarts(run, run_dir, loop, params, optimizer, scheduler, one_step, logger, dp)
-            if dp.is_main:
-                checkpoint(start)
+        if chosen is not None:
+            start = _chosen(chosen, run_dir, logger, dp)
+        elif config.em.restarts > 1 and start == 0:
+            start = _restarts(parts, run_dir, logger, dp)
+        if dp.is_main and start and not resume:
+            checkpoint(start)
         progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
         for step in range(start, t.max_steps):
-            metrics = one_step(step, progress, step + 1)
+            metrics = parts.step(step, progress, step + 1)
             if logger is not None:
                 _log_step(run, logger, best, step + 1, metrics, params)
             periodic = t.save_steps and (step + 1) % t.save_steps == 0
@@ -198,20 +197,31 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel) -> Path:
     return run_dir
 
 
-def _restarts(run: Run, run_dir: Path, loop, params, optimizer, scheduler, one_step, logger, dp) -> int:
+def _chosen(chosen: kselection.Chosen, run_dir: Path, logger, dp: DataParallel) -> int:
+    """``num_experts=auto``: the selection said and kept, the chosen K's short-run lines logged; returns its step."""
+    if dp.is_main:
+        print(chosen.selection.line(), file=sys.stderr, flush=True)
+        chosen.selection.save(run_dir)
+        if len(chosen.restarts.scores) > 1:
+            chosen.restarts.save(run_dir)
+        _log_short_run(logger, chosen.lines, chosen.parts.run.config, chosen.restarts.kept)
+    return chosen.selection.steps
+
+
+def _log_short_run(logger, lines: list[dict], config: Config, kept: int) -> None:
+    for done, metrics in enumerate(lines, 1):
+        if done % config.train.logging_steps == 0:
+            logger.log(done, {**metrics, "em/restart": kept, "em/num_experts": config.experts.num_experts})
+
+
+def _restarts(parts: LoopParts, run_dir: Path, logger, dp: DataParallel) -> int:
     """``em.restarts`` (:mod:`moedpo.restarts`): the best restart's state and metrics lines; returns its step."""
-    em = run.config.em
-    bar, shown = Progress(0, em.restarts * em.restart_steps, "moedpo restarts", enabled=dp.is_main), count(1)
-    step_fn = lambda step: one_step(step, bar, next(shown))  # noqa: E731
-    summary, lines = run_restarts(run, loop, params, optimizer, scheduler, em.restarts, em.restart_steps, step_fn)
-    bar.close()
+    summary, lines = run_restarts(parts)
     if dp.is_main:
         print(summary.line(), file=sys.stderr, flush=True)
         summary.save(run_dir)
-        for done, metrics in enumerate(lines, 1):
-            if done % run.config.train.logging_steps == 0:
-                logger.log(done, {**metrics, "em/restart": summary.kept})
-    return em.restart_steps
+        _log_short_run(logger, lines, parts.run.config, summary.kept)
+    return summary.steps
 
 
 def _loggers(run: Run, run_dir: Path, resume_step: int | None) -> tuple[MetricsLogger, BestModel | None]:
@@ -252,52 +262,6 @@ def _keep_best(best: BestModel, params: dict, gate, max_steps: int) -> None:
         "are in RUN/best/, the last step's in RUN/checkpoint/",
         file=sys.stderr,
         flush=True,
-    )
-
-
-def _reference_once(run: Run, run_dir: Path, dp: DataParallel) -> None:
-    """Reference log-probs of every example, computed once per dataset and kept with the run (``--resume`` and
-    later epochs reuse them; no training step runs the reference model)."""
-    path = run_dir / REFERENCE_FILE
-    if path.exists():
-        run.bank.load_reference_state(load_file(path))
-        return
-    examples = run.data.train + run.data.eval
-    bar = tqdm(total=len(examples), desc="reference log-probs", disable=not (dp.is_main and sys.stderr.isatty()))
-    run.bank.precompute_reference(examples, run.tokenizer.pad_token_id, progress=bar.update)
-    bar.close()
-    if dp.is_main and not sys.stderr.isatty():
-        print(f"moedpo: reference log-probs of {len(examples)} pairs computed", file=sys.stderr, flush=True)
-    if dp.is_main:
-        save_file(run.bank.reference_state(), path)
-    dp.barrier()
-
-
-def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:
-    """The core's VariationalEM over the run's expert bank, gate and latent model."""
-    config, em = run.config, run.config.em
-    closed_form = config.gate.type == "fixed" and config.gate.closed_form
-    return VariationalEM(
-        run.bank,
-        run.gate,
-        optimizer,
-        beta=em.beta,
-        model=run.model,
-        schedule=em.schedule,
-        guide=run.guide,
-        m_steps=em.m_steps,
-        loss_type=config.train.loss_type,
-        label_smoothing=em.label_smoothing,
-        closed_form_gate=run.gate.net if closed_form else None,
-        gate_momentum=config.gate.momentum,
-        load_balance=em.load_balance,
-        usage_entropy=em.usage_entropy,
-        clip_grad_norm=config.train.max_grad_norm,
-        lr_scheduler=scheduler,
-        sync=dp if dp.enabled else None,
-        exact_every=em.exact_every,
-        exact_warmup=em.exact_warmup,
-        start=build_start(run.config, run.data),
     )
 
 

@@ -127,7 +127,7 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
         metrics["eval/ari"] = adjusted_rand_index(_codes(groups), posteriors.argmax(-1))
         # the hard ARI reads 1.0 even for near-uniform posteriors: report how sure they are beside it
         metrics["eval/posterior_confidence"] = float(posteriors.max(-1).values.mean())
-    details["weights"] = weights
+    details["weights"], details["log_prob"] = weights, log_prob  # log p(y+ > y-) of each held-out pair
     return metrics, details
 
 

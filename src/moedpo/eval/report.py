@@ -3,7 +3,8 @@
 - ``report.md``: held-out metrics; recovered vs true annotator types (ARI, confusion matrix); the rewards table
   (:mod:`moedpo.eval.rewards`, the paper's Table 1) with the DPO baseline of ``RUN/dpo`` where it exists;
 - ``eval.json`` (metrics, per-example expert log-probs and responsibilities), ``rewards.json``;
-- with matplotlib: ``training.png`` (loss and accuracy curves), ``types.png``, ``rewards.png``.
+- with matplotlib: ``training.png`` (loss and accuracy curves), ``types.png``, ``rewards.png``, and
+  ``k_selection.png`` where ``experts.num_experts=auto`` chose K (:mod:`moedpo.eval.kcurve`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from moedpo.config import ConfigError
 from moedpo.data.reviews_world import held_out_prompts
 from moedpo.eval.evaluate import evaluate, user_posteriors
 from moedpo.eval.found import Evidence, calibration, found_lines, write_assignments
+from moedpo.eval.kcurve import k_section
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.eval.rewards import checks, resolve_rewards, reward_table
 from moedpo.runs import BEST, GATE_FILE, RESTARTS_FILE, find_checkpoint
@@ -160,6 +162,7 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
         write_report(out, metrics, details, run.data.eval, run_dir / "metrics.jsonl", named, kept)
     print("\n".join(found), file=sys.stderr, flush=True)
     lines += found
+    lines += k_section(run_dir, out)
     lines += _types_section(run, out, posteriors)
     n = config.report.num_prompts if num_prompts is None else num_prompts
     rewards = resolve_rewards(config) if n else {}
