@@ -17,9 +17,18 @@ from moedpo.eval.evaluate import predictive_log_prob
 from moedpo.kselection import choose, unit_nll
 from moedpo.training import train
 
-SMALL = ["model.hidden_size=32", "data.annotators_per_type=6", "data.pairs_per_annotator=24", "report.num_prompts=0",
-         "train.max_steps=40", "em.restart_steps=25", "experts.max_experts=3", "train.eval_steps=0",
-         "train.save_steps=0", "train.num_threads=1"]  # fmt: skip (one thread: runs compared bit for bit)
+SMALL = [
+    "model.hidden_size=32",
+    "data.annotators_per_type=6",
+    "data.pairs_per_annotator=24",
+    "report.num_prompts=0",
+    "train.max_steps=40",
+    "em.restart_steps=25",
+    "experts.max_experts=3",
+    "train.eval_steps=0",
+    "train.save_steps=0",
+    "train.num_threads=1",
+]  # fmt: skip (one thread: runs compared bit for bit)
 
 
 def config(tmp_path, *overrides, name="run"):
