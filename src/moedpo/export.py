@@ -15,6 +15,7 @@ per expert, so each loads by its name: ``from_pretrained("REPO_ID-expert_0")``),
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -85,6 +86,15 @@ def _untie_output_head(model) -> None:
     model.config.tie_word_embeddings = False
 
 
+def _next_step(err: Exception) -> str:
+    """What to do about a failed upload: offline mode, no network, or (otherwise) the token."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set: unset it on a machine with network"
+    if not isinstance(err, HfHubHTTPError) and any(w in type(err).__name__ for w in ("Connect", "Timeout", "Network")):
+        return "the hub could not be reached: check the network (or a proxy via HTTPS_PROXY)"
+    return "log in with `hf auth login` or set HF_TOKEN (with write access)"
+
+
 def _upload(folder: Path, repo: str, run_dir: Path) -> str:
     api = HfApi()
     try:
@@ -92,10 +102,10 @@ def _upload(folder: Path, repo: str, run_dir: Path) -> str:
         api.upload_folder(
             repo_id=repo, folder_path=str(folder), repo_type="model", commit_message=f"moedpo export of {run_dir.name}"
         )
-    except (HfHubHTTPError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 (the hub client raises its HTTP library's errors: all end here, named)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"--push-to-hub: uploading {folder} to {repo} failed ({first}); log in with `hf auth login` or set "
-            f"HF_TOKEN, then rerun with --output-dir elsewhere (the merged folders are in {folder.parent})"
+            f"--push-to-hub: uploading {folder} to {repo} failed ({type(err).__name__}: {first}); {_next_step(err)}, "
+            f"then rerun with --output-dir elsewhere (the merged folders are in {folder.parent})"
         ) from None
     return repo

@@ -25,6 +25,7 @@ import torch
 
 from moedpo.config import ConfigError
 from moedpo.data.loading import load_preference_rows
+from moedpo.data.prepared import UNKNOWN_LIMIT, unknown_token_share
 from moedpo.data.sources import normalised, tokenize_data
 from moedpo.eval.evaluate import bank_margins, gate_batch, latent_posterior
 from moedpo.runs import Personalization
@@ -58,6 +59,13 @@ def posteriors_from_examples(session: RunSession, examples: list[dict], user: st
 def tokenize_for_run(session: RunSession, rows: list, source: str) -> list[dict]:
     """The run's own tokenization (TRL-exact, with its data.* options), as probes never cached with the run's."""
     examples = tokenize_data(rows, session.tokenizer, session.config.data, source=source).examples
+    share = unknown_token_share(examples, session.tokenizer.unk_token_id)
+    if share > UNKNOWN_LIMIT and not session.config.data.allow_unknown_tokens:  # as training refuses such data
+        raise ConfigError(
+            f"{source}: {share:.0%} of the tokens are {session.tokenizer.unk_token!r} (unknown) for this run's "
+            f"tokenizer (model.name_or_path={session.config.model.name_or_path}): its experts cannot read the text, "
+            "and a posterior from it would rest on lengths, not words. Personalize a run trained on text like this"
+        )
     for e in examples:
         e["index"] = -1 - e["index"]
     return examples

@@ -12,6 +12,7 @@ spoils the last good one. Tensors are loaded with ``weights_only=True`` / safete
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -76,12 +77,21 @@ def _save_tensors(folder: Path, params: dict, gate_state: dict) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in gate_state.items()}, folder / "gate.safetensors")
 
 
+FULL_DISK_BYTES = 64 * 2**20  # a checkpoint write that fails with less free than this is taken as a full disk
+
+
 def _write_atomically(run_dir: Path, name: str, write) -> None:
     """``write(tmp)`` fills ``RUN/<name>.tmp``, which then replaces ``RUN/<name>`` by renames."""
     tmp, final, old = run_dir / f"{name}.tmp", run_dir / name, run_dir / f"{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write(tmp)
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        shutil.rmtree(tmp, ignore_errors=True)  # the last complete one stays as it was
+        if isinstance(err, OSError) or shutil.disk_usage(run_dir).free > FULL_DISK_BYTES:
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device while writing a checkpoint", str(tmp)) from err
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)

@@ -121,3 +121,31 @@ def test_export_mistakes_are_named_and_write_nothing(tmp_path, capsys, monkeypat
         assert main(argv) == 2, argv
         assert words in capsys.readouterr().err, argv
     assert not (run / "merged").exists()
+
+
+class ConnectError(Exception):
+    """What the hub client's HTTP library raises without a network (its name is what the message reads)."""
+
+
+@pytest.mark.parametrize(
+    "offline, error, advice",
+    [
+        ("", ConnectError("[Errno -2] Name or service not known"), "the hub could not be reached"),
+        ("1", ConnectError("offline mode is enabled"), "HF_HUB_OFFLINE is set: unset it"),
+        ("", RuntimeError("401 Unauthorized"), "log in with `hf auth login` or set HF_TOKEN"),
+    ],
+)
+def test_a_failed_upload_is_named_and_keeps_the_folders(tmp_path, monkeypatch, capsys, offline, error, advice):
+    """The trial's M32c: no network (offline flag unset) ended in an 81-line traceback and exit 1."""
+
+    class FailingHfApi(RecordingHfApi):
+        def create_repo(self, repo_id, repo_type, exist_ok):
+            raise error
+
+    run = train(load_config(overrides=[f"train.output_dir={tmp_path / 'run'}", *SMALL, "train.max_steps=1"]))
+    monkeypatch.setattr(moedpo.export, "HfApi", FailingHfApi)
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    assert main(["export", str(run), "--merged", "--push-to-hub", "me/prefs"]) == 2
+    err = capsys.readouterr().err
+    assert advice in err and f"the merged folders are in {run / 'merged'}" in err and "Traceback" not in err
+    assert FILES <= {p.name for p in (run / "merged" / "expert_0").iterdir()}

@@ -95,6 +95,11 @@ def test_bad_personalize_requests_fail_clearly(users_run, tmp_path):
     no_features = [{k: v for k, v in r.items() if k != "user_features"} for r in rows]
     with pytest.raises(ValueError, match="user_features"):
         personalize(run_dir, no_features)
+    # the trial's M50b: English text through the built-in world's word-level tokenizer gave a confident posterior
+    english = [{**r, "prompt": "Describe a rainy morning in the city:", "chosen": " Grey clouds drift over wet roofs.",
+                "rejected": " Honestly, I cannot say much about it."} for r in rows]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\d+% of the tokens are '<unk>' \(unknown\) for this run's tokenizer"):
+        personalize(run_dir, english, save=False)
 
 
 def test_user_picks_that_annotators_rows_from_a_shared_file(users_run, tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,6 +61,10 @@ def test_too_many_experts_and_a_run_directory_as_the_model(tmp_path, capsys):
     as_model = [f"model.name_or_path={tmp_path / 'r'}", f"train.output_dir={tmp_path / 'x'}"]
     code, err = run(capsys, "train", *SMALL, *as_model)
     assert code == 2 and "a moedpo run directory" in err and str(tmp_path / "r" / "base") in err
+    expert = tmp_path / "r" / "experts" / "expert_0"  # the trial's M18b: a tokenizer traceback naming sentencepiece
+    code, err = run(capsys, "train", *SMALL, f"model.name_or_path={expert}", f"train.output_dir={tmp_path / 'y'}")
+    assert code == 2 and "a PEFT adapter folder" in err and str((tmp_path / "r" / "base").resolve()) in err
+    assert "moedpo export RUN --merged" in err and not (tmp_path / "y").exists()
     code, err = run(capsys, "generate", str(tmp_path / "r"), "--prompt", "  ")
     assert code == 2 and "--prompt is empty" in err
 
@@ -103,6 +108,28 @@ def test_a_full_disk_says_what_to_do_and_resume_says_how_to_start_over(tmp_path,
     code, err = run(capsys, "train", "--config", str(tmp_path / "r" / "config.yaml"), "--resume")
     assert code == 2 and "no complete checkpoint" in err and "train.overwrite=true" in err
     assert run(capsys, *args, "train.overwrite=true")[0] == 0  # the command it names starts the run over
+
+
+def test_a_full_disk_under_torch_save_is_named_and_the_last_checkpoint_kept(tmp_path, capsys, monkeypatch):
+    """The trial's M39b: torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos"),
+    which ended in a traceback and left checkpoint.tmp/ behind."""
+    args = ["train", *SMALL, "train.max_steps=4", "train.save_steps=2", f"train.output_dir={tmp_path / 'r'}"]
+    saves, real_save = [], torch.save
+
+    def fills_up(obj, path, *a, **k):
+        saves.append(path)
+        if len(saves) > 3:  # the first checkpoint's three torch.save files fit
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 41024 vs 40916")
+        real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(runs.torch, "save", fills_up)
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))  # 1 kB left
+    code, err = run(capsys, *args)
+    assert code == 2 and "No space left on device" in err and "--resume" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "checkpoint.tmp").exists()
+    assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 2
+    monkeypatch.undo()
+    assert run(capsys, "train", "--config", str(tmp_path / "r" / "config.yaml"), "--resume")[0] == 0
 
 
 def test_own_text_on_the_builtin_model_is_refused_with_the_share_of_unknown_tokens(tmp_path, capsys):

@@ -8,7 +8,7 @@ from moedpo.assembly.base import base_name
 from moedpo.config import Config, ConfigError
 from moedpo.data.encoder import encode_prompts, load_encoder
 from moedpo.data.formats import PreferenceRow
-from moedpo.data.prepared import PreparedData, held_out_split, unknown_token_share, user_feature_width
+from moedpo.data.prepared import UNKNOWN_LIMIT, PreparedData, held_out_split, unknown_token_share, user_feature_width
 from moedpo.data.sources import SAMPLED_SOURCES, check_consistent, normalised, source_rows, tokenize_data
 from moedpo.reference.reviews import annotated_rows
 
@@ -60,9 +60,6 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     if config.gate.user_features and not width:
         raise ConfigError(_feature_problem(train + evaluation, d.source))
     return PreparedData(train, evaluation, users, truncated, width or 0, dropped, rows[0].conversational, split)
-
-
-UNKNOWN_LIMIT = 0.02  # more of the text than this as <unk>, and a model learns from lengths, not words
 
 
 def _check_known_tokens(config: Config, tokenizer, examples: list[dict]) -> None:

@@ -58,6 +58,9 @@ def held_out_split(examples: list[dict], by_user: bool, fraction: float, seed: i
     return sorted(train, key=lambda e: e["index"]), sorted(held_out, key=lambda e: e["index"])
 
 
+UNKNOWN_LIMIT = 0.02  # more of the text than this as <unk>, and a model learns from lengths, not words
+
+
 def unknown_token_share(examples: list[dict], unk_token_id: int | None) -> float:
     """The share of prompt and completion token ids that are the tokenizer's unknown token (0 without one)."""
     if unk_token_id is None:

@@ -104,6 +104,12 @@ def check_model_name(name: str) -> None:
             f"model.name_or_path={name!r}: a moedpo run directory, not a model folder. Its base model is {base}; "
             f"continue the run with `moedpo train --config {path / 'config.yaml'} --resume`"
         )
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        raise ConfigError(
+            f"model.name_or_path={name!r}: a PEFT adapter folder (one expert), not a model. Its base model is "
+            f"{adapter_base(path)!r}; to start from this expert, merge it into a standalone model first: "
+            "`moedpo export RUN --merged` writes RUN/merged/expert_N, which model.name_or_path accepts"
+        )
 
 
 def adapter_base(adapter_dir: str | Path) -> str:
