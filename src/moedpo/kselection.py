@@ -129,8 +129,8 @@ class Chosen:
 
 
 def select_k(config: Config, run_dir: Path, dp: DataParallel, ks: list[int]) -> Chosen:
-    """Each K's short run from the run directory's data and base, scored on the held-out pairs; the chosen one is
-    rebuilt and restored to the state its short run ended in (one K's model in memory at a time)."""
+    """Each K's short run, scored on the held-out pairs; the chosen one is rebuilt and restored to the state its
+    short run ended in (one K's model in memory at a time)."""
     em, user_scope = config.em, config.em.scope == "user"
     per_unit, kept = {}, {}
     for k in ks:
@@ -154,9 +154,11 @@ def select_k(config: Config, run_dir: Path, dp: DataParallel, ks: list[int]) -> 
 
 
 def _build(config: Config, k: int, run_dir: Path, dp: DataParallel) -> LoopParts:
-    """The run with K experts from the run directory's data and base, seeded as ``moedpo train`` seeds a run."""
+    """The run with K experts, built and seeded as ``moedpo train`` builds a fresh run with that K (from the
+    config's sources, not the run directory's copies: a loaded base draws nothing from the random generator, a
+    fresh builtin one does), so the chosen K's short run is the first steps of a run with that K."""
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
-    run = build_run(with_k(config, k), dp.device(config.train.device), saved=run_dir)
+    run = build_run(with_k(config, k), dp.device(config.train.device))
     reference_once(run, run_dir, dp)
     return loop_parts(run, dp)

@@ -65,10 +65,6 @@ def build_run(config: Config, device: torch.device, saved: Path | None = None) -
     else:
         data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
     _check_num_experts(config, data)
-    # the experts' and gate's initialisation follows from the seed alone, not from how the base was built or loaded
-    # (a fresh builtin base draws from the generator, a saved one does not): num_experts=auto rebuilds each K
-    # from the run directory and must start it as a fresh run with that K starts
-    torch.manual_seed(config.train.seed)
     bank = build_bank(config, base, device)
     gate = build_gate(config, gate_feature_dim(config, base, data), len(data.user_ids), data.user_feature_dim)
     guide = build_guide(config, base)
