@@ -1,4 +1,4 @@
-"""Pure tensor math of Mix-/MoE-DPO: margins, DPO variants, mixture likelihoods, posteriors, ELBO."""
+"""Pure tensor math of Mix-/MoE-DPO: margins, DPO variants, mixtures over pairs and rankings, posteriors, ELBO."""
 
 from moedpo.losses.anticollapse import load_balance_loss, usage_entropy_penalty
 from moedpo.losses.dpo import LOSS_TYPES, bernoulli_logits, dpo_loss, log_likelihood, margins
@@ -12,6 +12,13 @@ from moedpo.losses.mixture import (
     user_responsibilities,
     weighted_dpo_loss,
 )
+from moedpo.losses.rankings import (
+    plackett_luce_log_prob,
+    ranking_component_log_likelihood,
+    ranking_log_likelihood,
+    ranking_mixture_nll,
+    ranking_responsibilities,
+)
 
 __all__ = [
     "LOSS_TYPES",
@@ -24,6 +31,11 @@ __all__ = [
     "margins",
     "mixture_nll",
     "mixture_reward",
+    "plackett_luce_log_prob",
+    "ranking_component_log_likelihood",
+    "ranking_log_likelihood",
+    "ranking_mixture_nll",
+    "ranking_responsibilities",
     "responsibilities",
     "usage_entropy_penalty",
     "user_mixture_nll",

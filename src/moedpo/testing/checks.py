@@ -29,6 +29,10 @@ def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float,
         )
 
 
+def _observed(obs, h) -> torch.Tensor:
+    return torch.ones(h.shape[0], dtype=h.dtype) if obs is None else obs
+
+
 def _leaves(h, gate_logits):
     return h.detach().clone().requires_grad_(True), gate_logits.detach().clone().requires_grad_(True)
 
@@ -61,12 +65,14 @@ def check_single_expert_is_dpo(model, h, gate_logits, beta, *, max_plate_nesting
 
 
 def check_matches_closed_form(
-    model, closed_form_nll, h, gate_logits, beta, *, max_plate_nesting=None, rtol=1e-6, atol=1e-8, **kwargs
-):
+    model, closed_form_nll, h, gate_logits, beta, *, obs=None, max_plate_nesting=None, rtol=1e-6, atol=1e-8,
+    **kwargs,
+):  # fmt: skip
     """Pyro enumeration of ``model`` equals ``closed_form_nll(h, gate_logits, beta, **kwargs)`` summed:
-    the loss and its gradients with respect to h and gate_logits."""
+    the loss and its gradients with respect to h and gate_logits. ``obs`` defaults to every chosen response
+    winning (pairs); a ranking model takes its rankings here (the closed form then closes over them)."""
     h, gate_logits = _leaves(h, gate_logits)
-    obs = torch.ones(h.shape[0], dtype=h.dtype)
+    obs = _observed(obs, h)
     loss = _nll(model, h, gate_logits, beta, obs, max_plate_nesting, **kwargs)
     expected = closed_form_nll(h, gate_logits, beta, **kwargs).sum()
     _close("enumerated loss vs closed form", loss.detach(), expected.detach(), rtol, atol)
@@ -88,11 +94,12 @@ def check_swap_symmetry(model, h, gate_logits, beta, *, max_plate_nesting=None, 
 
 
 def check_posterior_by_enumeration(
-    model, h, gate_logits, beta, *, max_plate_nesting=None, max_assignments=4096, atol=1e-8, **kwargs
+    model, h, gate_logits, beta, *, obs=None, max_plate_nesting=None, max_assignments=4096, atol=1e-8, **kwargs
 ):
     """moedpo's E-step (:func:`moedpo.inference.posterior`) equals brute force: every joint assignment of every
-    latent site scored by the model, then normalised. Checks each site's marginal and the log evidence."""
-    obs = torch.ones(h.shape[0], dtype=h.dtype)
+    latent site scored by the model, then normalised. Checks each site's marginal and the log evidence.
+    ``obs`` as in :func:`check_matches_closed_form`."""
+    obs = _observed(obs, h)
     args = (h.detach(), gate_logits.detach(), beta, obs)
     post = posterior(model, *args, max_plate_nesting=max_plate_nesting, **kwargs)
     with torch.no_grad():

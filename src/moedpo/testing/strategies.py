@@ -79,3 +79,34 @@ def mixture_batches(
         out["gate_logits"] = draw(gate_logits(batch, experts))
     out["obs"] = torch.ones(batch, dtype=torch.float64)
     return out
+
+
+@st.composite
+def ranking_batches(
+    draw,
+    max_batch: int = 5,
+    max_completions: int = 4,
+    max_experts: int = 3,
+    min_experts: int = 1,
+    max_abs: float = 10.0,
+    user_scope: bool = False,
+) -> dict:
+    """A batch for a latent Plackett–Luce model: {"h" (B, M, K), "gate_logits", "beta", "obs" (B, M) rankings,
+    "mask" (B, M)} plus "user_index" in user scope. Rankings have 2..M real completions; padding sits last."""
+    batch = draw(st.integers(1, max_batch))
+    width = draw(st.integers(2, max_completions))
+    experts = draw(st.integers(min_experts, max_experts))
+    lengths = draw(st.lists(st.integers(2, width), min_size=batch, max_size=batch))
+    rows = [draw(st.permutations(range(n))) + list(range(n, width)) for n in lengths]
+    out = {
+        "h": draw(tensors((batch, width, experts), max_abs)),
+        "beta": draw(betas()),
+        "obs": torch.tensor(rows, dtype=torch.long),
+        "mask": torch.arange(width) < torch.tensor(lengths).unsqueeze(-1),
+    }
+    if user_scope:
+        user_index, num_users = draw(user_groupings(batch))
+        out.update(user_index=user_index, gate_logits=draw(gate_logits(num_users, experts)))
+    else:
+        out["gate_logits"] = draw(gate_logits(batch, experts))
+    return out

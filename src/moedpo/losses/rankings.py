@@ -1,0 +1,92 @@
+"""Closed forms of the latent-class Plackett–Luce mixture over rankings (EM-DPO v2, arXiv 2510.15716).
+
+An annotator ranks M completions of one prompt, best first. Under type k, completion m has the DPO implicit
+reward beta * h_mk, h_mk = log pi_k(y_m | x) - log pi_ref(y_m | x), and the ranking sigma is drawn by picking
+the best, then the best of the rest, and so on:
+
+    P(sigma | z = k) = prod_j exp(beta h_{sigma_j k}) / sum_{l >= j} exp(beta h_{sigma_l k})
+
+For M = 2 this is sigmoid(beta (h_chosen - h_rejected)), the Bradley–Terry likelihood of
+:mod:`moedpo.losses.mixture`. A ranking of M > 2 completions is M - 1 comparisons that share one type, which
+is what identifies the type from a single annotation. Rankings of different lengths share a batch: ``mask``
+(B, M) marks the first n_i entries of each ranking as real (n_i >= 2); the rest are padding.
+
+These functions are the hand-written twins of :mod:`moedpo.models.pl`; everything works in log space.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _padded(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # the most negative float, not -inf: a suffix of padding stays finite and so does its gradient
+    return scores if mask is None else scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+
+
+def plackett_luce_log_prob(
+    scores: torch.Tensor, ranking: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log P(ranking | scores): scores (..., M) per completion, ranking (..., M) long, completion indices best
+    first; ``mask`` (..., M) bool marks real ranking positions (a prefix). Broadcasts; returns (...)."""
+    scores, ranking = torch.broadcast_tensors(scores, ranking)
+    ordered = _padded(scores.gather(-1, ranking), None if mask is None else mask.expand_as(scores))
+    tail = torch.logcumsumexp(ordered.flip(-1), -1).flip(-1)  # log sum_{l >= j} exp(score of position l)
+    return (ordered - tail).sum(-1)  # a padded position adds min - (min + log n) = 0 exactly in floating point
+
+
+def ranking_log_likelihood(
+    h: torch.Tensor, ranking: torch.Tensor, beta: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log P(ranking_i | z = k): h (B, M, K) implicit log-ratios per completion and expert, ranking (B, M),
+    mask (B, M) -> (B, K)."""
+    by_expert = beta * h.transpose(-1, -2)  # (B, K, M)
+    mask = None if mask is None else mask.unsqueeze(-2)
+    return plackett_luce_log_prob(by_expert, ranking.unsqueeze(-2), mask)
+
+
+def ranking_component_log_likelihood(
+    h: torch.Tensor,
+    ranking: torch.Tensor,
+    beta: float,
+    mask: torch.Tensor | None = None,
+    user_index: torch.Tensor | None = None,
+    num_users: int | None = None,
+) -> torch.Tensor:
+    """log P(data of one latent unit | z = k): per ranking (B, K), or summed per user (U, K) when
+    ``user_index`` (B,) long in [0, U) is given."""
+    loglik = ranking_log_likelihood(h, ranking, beta, mask)
+    if user_index is None:
+        return loglik
+    num_users = int(user_index.max()) + 1 if num_users is None else num_users
+    return loglik.new_zeros(num_users, loglik.shape[-1]).index_add(0, user_index, loglik)
+
+
+def _log_joint(h, ranking, gate_logits, beta, mask, user_index) -> torch.Tensor:
+    loglik = ranking_component_log_likelihood(h, ranking, beta, mask, user_index, gate_logits.shape[0])
+    return torch.log_softmax(gate_logits, -1) + loglik
+
+
+def ranking_mixture_nll(
+    h: torch.Tensor,
+    gate_logits: torch.Tensor,
+    beta: float,
+    ranking: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    user_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """-log sum_k w_k P(ranking | z = k): per ranking, h (B, M, K), gate_logits (B, K) -> (B,); user scope
+    (``user_index`` given, gate_logits (U, K)) -> (U,), one type shared by all of a user's rankings."""
+    return -torch.logsumexp(_log_joint(h, ranking, gate_logits, beta, mask, user_index), -1)
+
+
+def ranking_responsibilities(
+    h: torch.Tensor,
+    gate_logits: torch.Tensor,
+    beta: float,
+    ranking: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    user_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact posterior over the type of each ranking (B, K), or of each user (U, K) in user scope."""
+    return torch.softmax(_log_joint(h, ranking, gate_logits, beta, mask, user_index), -1)
