@@ -7,7 +7,8 @@ import sys
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-EXERCISED = {"planted_experts.py", "hierarchical_model.py", "users_world.py"}  # the latter: tests/test_custom_model.py
+# hierarchical_model.py: tests/test_custom_model.py
+EXERCISED = {"planted_experts.py", "ranking_world.py", "users_world.py", "hierarchical_model.py"}
 
 
 def test_every_example_is_exercised():
@@ -30,6 +31,21 @@ def test_planted_experts_shrink(capsys):
 @pytest.mark.slow
 def test_planted_experts_full(capsys):
     assert run_example("planted_experts.py") == 0
+    assert "[FAIL]" not in capsys.readouterr().out
+
+
+def test_ranking_world_shrink(capsys):
+    """Issue 20's ranking world, one seed: the Plackett–Luce mixture finds the types from one ranking each."""
+    assert run_example("ranking_world.py", "--shrink") == 0
+    out = capsys.readouterr().out
+    assert "Plackett-Luce mixture     1.00" in out and "[FAIL]" not in out
+
+
+@pytest.mark.slow
+def test_ranking_world_full(capsys):
+    """Seeds 0-2: ARI >= 0.9 wherever the oracle reaches 0.95, binarized pairs below 0.5 on average, top-1 at least
+    0.1 above one DPO policy."""
+    assert run_example("ranking_world.py") == 0
     assert "[FAIL]" not in capsys.readouterr().out
 
 

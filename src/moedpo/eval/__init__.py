@@ -1,5 +1,11 @@
 """Evaluation: specialisation and accuracy metrics."""
 
-from moedpo.eval.metrics import adjusted_rand_index, best_permutation, pair_accuracy, total_variation
+from moedpo.eval.metrics import (
+    adjusted_rand_index,
+    best_permutation,
+    pair_accuracy,
+    ranking_agreement,
+    total_variation,
+)
 
-__all__ = ["adjusted_rand_index", "best_permutation", "pair_accuracy", "total_variation"]
+__all__ = ["adjusted_rand_index", "best_permutation", "pair_accuracy", "ranking_agreement", "total_variation"]

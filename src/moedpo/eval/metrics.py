@@ -1,10 +1,12 @@
-"""Evaluation metrics: clustering agreement (ARI), expert matching, total variation, pair accuracy."""
+"""Evaluation metrics: clustering agreement (ARI), expert matching, total variation, pair and ranking accuracy."""
 
 from __future__ import annotations
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score
+
+from moedpo.losses.rankings import pairwise_margins
 
 
 def adjusted_rand_index(labels_true, labels_pred) -> float:
@@ -35,3 +37,17 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def pair_accuracy(prob_chosen: torch.Tensor) -> float:
     """Fraction of pairs where the model gives the chosen response probability > 1/2."""
     return float((prob_chosen > 0.5).double().mean())
+
+
+def ranking_agreement(scores: torch.Tensor, ranking: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """How well ``scores`` (N, M) (higher = better) predict observed rankings (N, M) (indices, best first;
+    ``mask`` (N, M) marks real positions): ``top1``, the share of rankings whose best completion has the top
+    score, and ``kendall_tau``, the mean over rankings of (concordant - discordant) / pairs, ties counted as
+    neither (tau-a)."""
+    margins, valid = pairwise_margins(scores.unsqueeze(-1), ranking, mask)  # (N, P, 1), (N, P)
+    signs = torch.sign(margins.squeeze(-1)) * valid
+    tau = signs.sum(-1) / valid.sum(-1).clamp_min(1)
+    masked = scores if mask is None else scores.masked_fill(~mask, -torch.inf)
+    best = masked.max(-1).values
+    top1 = (masked.gather(-1, ranking[:, :1]).squeeze(-1) == best) & ((masked == best.unsqueeze(-1)).sum(-1) == 1)
+    return {"top1": float(top1.double().mean()), "kendall_tau": float(tau.double().mean())}

@@ -40,7 +40,19 @@ class TabularExperts(nn.Module):
     def margins(self, prompt, chosen: torch.Tensor | None = None, rejected: torch.Tensor | None = None):
         """DPO margins h (B, K) of pairs given as prompt, chosen and rejected response indices (B,), or as one
         object with those attributes (:class:`~moedpo.data.synthetic.TabularPairs`, what the EM loop passes)."""
+        if chosen is None and hasattr(prompt, "ranking"):
+            return {"h": self.completion_log_ratios(prompt.prompt, prompt.completions), "ranking": prompt.ranking}
         if chosen is None:
             prompt, chosen, rejected = prompt.prompt, prompt.chosen, prompt.rejected
-        logps = torch.log_softmax(self.logits, -1) - self.ref_logps  # (K, P, R) log-ratios
+        logps = self.log_ratios()
         return (logps[:, prompt, chosen] - logps[:, prompt, rejected]).T  # (B, K)
+
+    def log_ratios(self) -> torch.Tensor:
+        """log pi_k(y|x) - log pi_ref(y|x): (K, P, R)."""
+        return torch.log_softmax(self.logits, -1) - self.ref_logps
+
+    def completion_log_ratios(self, prompt: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+        """Each shown response's log-ratio per expert, (B, M, K), for prompt (B,) and responses ``completions``
+        (B, M): the h of a Plackett–Luce model. (Objects with ``ranking``, :class:`TabularRankings`, given to
+        :meth:`margins` return it with their rankings, which is what the EM loop passes.)"""
+        return self.log_ratios()[:, prompt.unsqueeze(-1), completions].permute(1, 2, 0)

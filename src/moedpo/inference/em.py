@@ -47,6 +47,7 @@ from moedpo.inference.margins import (
     loss_margins,
     margins_with_leaves,
     num_pairs,
+    observations,
 )
 from moedpo.inference.metrics import routed_record, step_record, summarise
 from moedpo.inference.objectives import (
@@ -182,11 +183,13 @@ class VariationalEM:
     ) -> tuple[dict, EStep]:
         """Every expert's margins, the exact E-step (``e`` reused across M-steps) and the M-step gradients, with
         this micro-batch's share of the step's anti-collapse ``penalty``."""
-        out = as_dict(self.experts.margins(batch))  # margins (B, K)
+        out = as_dict(self.experts.margins(batch))  # margins (B, K); rankings: (B, M, K)
         h, leaves = margins_with_leaves(out)
         gate_logits, extra = gate_output(self.gate(batch, out))  # gate
-        args = (h, gate_logits, self.beta, torch.ones(h.shape[0], dtype=h.dtype, device=h.device))
-        kwargs = {"label_smoothing": self.label_smoothing, **extra, **self._guide_inputs(out)}
+        obs, observed = observations(out, h)
+        self._check_rankings(out)
+        args = (h, gate_logits, self.beta, obs)
+        kwargs = {"label_smoothing": self.label_smoothing, **observed, **extra, **self._guide_inputs(out)}
         if e is None:
             e = self.e_step(self._started(args, batch, extra), kwargs)  # E-step (once; reused by later M-steps)
         loss = self.m_step_loss(e, out, args, kwargs)  # M-step: a sum over the pairs
@@ -236,6 +239,8 @@ class VariationalEM:
     def routed_update(self, batch, total: float) -> tuple[dict, EStep]:
         """Sparse update routed by the guide: no expert runs before z is drawn, then only the drawn one."""
         ref = self.experts.reference(batch)  # cached features of the frozen base: no expert forward
+        if "ranking" in ref:
+            raise ValueError("schedule='routed' takes pairs; for rankings use schedule 'em', 'gumbel' or 'svi'")
         gate_logits, extra = gate_output(self.gate(batch, ref))  # gate
         kwargs = {"label_smoothing": self.label_smoothing, **extra, **self._guide_inputs(ref)}
         placeholder = torch.zeros(num_pairs(batch), self.experts.num_experts, device=gate_logits.device)
@@ -281,6 +286,15 @@ class VariationalEM:
         return {"guide_features": out["guide_features"]} if self.guide is not None and "guide_features" in out else {}
 
     # -- the pieces ----------------------------------------------------------------------------------------------
+    def _check_rankings(self, out: dict) -> None:
+        """Rankings have the Plackett–Luce link only: no TRL loss variant, and no guide (its features are a pair's)."""
+        if "ranking" not in out:
+            return
+        if self.loss_type != "sigmoid":
+            raise ValueError(f"loss_type={self.loss_type!r} is a pairwise loss; rankings train with 'sigmoid'")
+        if self.guide is not None:
+            raise ValueError("an amortized guide reads a pair's features; rankings train without a guide")
+
     def _started(self, args, batch, extra: dict) -> tuple:
         """The E-step's arguments with the data start's log prior added to the gate's logits (its first steps
         only; the gate's own M-step still sees its logits unchanged)."""

@@ -261,24 +261,38 @@ class EStep:
 def e_step(model, args, kwargs, beta: float, label_smoothing: float, nesting: int, draw: bool = False) -> EStep:
     """Exact posterior of a batch; responsibilities and the gate latent's posterior by differentiating E_q[log p].
 
-    ``args`` = (h, gate_logits, beta, obs). dE/dh_ik = r_ik * d log p(y_i | expert k) / dh_ik gives the
-    responsibilities r; dE/dg_uk = q_uk - w_uk (g: logits of a categorical prior) gives the gate latent's q.
+    ``args`` = (h, gate_logits, beta, obs). dE/dh_ik = r_ik * s_ik, with s_ik = d log p(y_i | expert k) / dh_ik,
+    gives the responsibilities r; for rankings h_i is (M, K) and s_i the gradient of the row's Plackett–Luce
+    log-likelihood, so r_ik = <dE/dh_ik, s_ik> / <s_ik, s_ik> over the M completions. The row likelihood is the
+    model's ``row_log_likelihood(h, beta, obs, **kwargs)`` (B, K) where it has one, else the BT link.
+    dE/dg_uk = q_uk - w_uk (g: logits of a categorical prior) gives the gate latent's q.
     Used by training, evaluation and routing alike. The log joint is taken without the plates' scale: under a
     subsampled plate (``subsample`` / ``subsample_size``) N/b would multiply both derivatives, and the q's with
     them; rows outside the subsample get r = 0 and the gate's prior.
     """
     post = posterior(model, *args, max_plate_nesting=nesting, **kwargs)
     h, g = (a.detach().double().requires_grad_(True) for a in args[:2])
-    rest = (args[2], args[3].double())
+    obs = args[3].double() if args[3].is_floating_point() else args[3]  # rankings stay indices
     with torch.enable_grad():
-        expected = _expected_log_joint(model, _cast(post), (h, g, *rest), kwargs, nesting, scaled=False)
+        expected = _expected_log_joint(model, _cast(post), (h, g, args[2], obs), kwargs, nesting, scaled=False)
         dh, dg = torch.autograd.grad(expected, [h, g], allow_unused=True)
-        slope = torch.autograd.grad(log_likelihood(h, beta, label_smoothing).sum(), h)[0]
-    pair_q = torch.where(slope > 0, (dh if dh is not None else 0 * h) / slope.clamp_min(1e-300), 0.0)
+        slope = torch.autograd.grad(_row_log_likelihood(model, h, beta, obs, label_smoothing, kwargs).sum(), h)[0]
+    events = tuple(range(1, h.dim() - 1))  # rankings: the completions axis; pairs: none
+    dh = 0 * h if dh is None else dh
+    norm = (slope * slope).sum(events) if events else slope * slope
+    along = (dh * slope).sum(events) if events else dh * slope
+    pair_q = torch.where(norm > 0, along / norm.clamp_min(1e-300), 0.0)  # (B, K)
     gate_q = torch.softmax(g, -1) + (dg if dg is not None else 0.0)
     sample = sample_posterior(model, *args, max_plate_nesting=nesting, **kwargs) if draw else None
     dtype = args[0].dtype
     return EStep(post, gate_q.detach().clamp(0, 1).to(dtype), pair_q.detach().clamp(0, 1).to(dtype), sample)
+
+
+def _row_log_likelihood(model, h, beta, obs, label_smoothing, kwargs) -> torch.Tensor:
+    rows = getattr(model, "row_log_likelihood", None)
+    if rows is None:
+        return log_likelihood(h, beta, label_smoothing)
+    return rows(h, beta, obs, **kwargs)
 
 
 def _cast(post: Posterior) -> Posterior:

@@ -3,6 +3,11 @@
 Experts return h with a graph, or sequence log-probs without one (then the loop makes them leaves, and the
 experts' own ``backward`` takes their gradients). Helpers here turn either into h, log-ratios and the margins a
 TRL loss reads.
+
+Rankings (a Plackett–Luce latent model, :mod:`moedpo.models.pl`): the experts return ``completion_logps``
+(B, M, K) with ``ref_completion_logps`` (B, M) or (B, M, K), or ``h`` (B, M, K) directly, together with
+``ranking`` (B, M) long (completion indices, best first) and optionally ``ranking_mask`` (B, M) bool; h is then
+each completion's log-ratio and the ranking is the observation.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ def margins_with_leaves(out: dict):
     """h (B, K) and the leaf tensors the experts' backward needs (none when h already has a graph)."""
     if "h" in out:
         return out["h"], []
+    if "completion_logps" in out:
+        logps, leaves = out["completion_logps"], []
+        if not logps.requires_grad:
+            logps = out["completion_logps"] = logps.detach().requires_grad_(True)
+            leaves = [logps]
+        ref = out["ref_completion_logps"]
+        return logps - (ref.unsqueeze(-1) if ref.dim() == 2 else ref), leaves
     chosen, rejected = out["chosen_logps"], out["rejected_logps"]
     leaves = []
     if not chosen.requires_grad:
@@ -36,6 +48,14 @@ def margins_with_leaves(out: dict):
         leaves = [chosen, rejected]
     chosen_ratio, rejected_ratio = log_ratios(out)
     return chosen_ratio - rejected_ratio, leaves
+
+
+def observations(out: dict, h: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """What the latent model observes and its extra keyword arguments: each ranking (B, M) and its mask, or for
+    pairs "chosen won" (B,) ones."""
+    if "ranking" in out:
+        return out["ranking"], ({"mask": out["ranking_mask"]} if out.get("ranking_mask") is not None else {})
+    return torch.ones(h.shape[0], dtype=h.dtype, device=h.device), {}
 
 
 def log_ratios(out: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch
 
 from moedpo.inference.estep import EStep
 from moedpo.inference.margins import log_ratios
+from moedpo.losses.rankings import pairwise_margins
 
 PER_EXPERT = (
     "em/expert_usage",
@@ -23,7 +24,7 @@ PER_PAIR = ("logps/chosen", "logps/rejected")  # means over pairs, where every r
 
 def step_record(e: EStep, out: dict, h: torch.Tensor, gate_logits: torch.Tensor, beta: float, shift: float) -> dict:
     """Sums over one micro-batch's pairs (or latent units) of what the step logs; ``out`` detached."""
-    h = h.detach().float()
+    margin, correct = _row_margins(out, h.detach().float())
     q = e.gate_q.reshape(-1, e.gate_q.shape[-1]).float()
     prior = torch.softmax(gate_logits.detach().float().reshape(-1, gate_logits.shape[-1]), -1)
     record = {
@@ -32,11 +33,11 @@ def step_record(e: EStep, out: dict, h: torch.Tensor, gate_logits: torch.Tensor,
         "loss": -float(e.post.log_evidence) + shift,
         "em/marginal_nll": -float(e.post.log_evidence),
         "em/responsibility_entropy": float(-(torch.special.xlogy(q, q)).sum()),
-        "rewards/accuracies": float((e.pair_q.float() * (h > 0).float()).sum()),
+        "rewards/accuracies": float((e.pair_q.float() * correct).sum()),
         "em/expert_usage": q.sum(0).cpu(),
         "gate/usage": prior.sum(0).cpu(),
-        "rewards/margins": beta * h.sum(0).cpu(),
-        "rewards/accuracies_per_expert": (h > 0).float().sum(0).cpu(),
+        "rewards/margins": beta * margin.sum(0).cpu(),
+        "rewards/accuracies_per_expert": correct.sum(0).cpu(),
     }
     if "chosen_logps" in out:
         chosen, rejected = log_ratios(out)
@@ -44,6 +45,16 @@ def step_record(e: EStep, out: dict, h: torch.Tensor, gate_logits: torch.Tensor,
         record["rewards/rejected"] = beta * rejected.float().sum(0).cpu()
         record.update(_logps(out["chosen_logps"], out["rejected_logps"], e.pair_q))
     return record
+
+
+def _row_margins(out: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's margin and whether each expert orders it right, (B, K) each. A ranking's h (B, M, K) counts
+    every pair it implies: the mean margin over them and the share ordered right (Kendall's concordance)."""
+    if h.dim() == 2:
+        return h, (h > 0).float()
+    margins, valid = pairwise_margins(h, out["ranking"], out.get("ranking_mask"))  # (B, P, K), (B, P)
+    weights = (valid.float() / valid.sum(-1, keepdim=True).clamp_min(1)).unsqueeze(-1)  # (B, P, 1)
+    return (weights * margins).sum(1), (weights * (margins > 0).float()).sum(1)
 
 
 def _logps(chosen: torch.Tensor, rejected: torch.Tensor, weights: torch.Tensor) -> dict:

@@ -123,6 +123,28 @@ def random_start(examples: list[dict], num_experts: int, by_user: bool, steps: i
 def data_start(examples: list[dict], num_experts: int, by_user: bool, steps: int, seed: int) -> Start:
     """Cluster the training examples' units (annotators when ``by_user``, else pairs) from their contrasts."""
     keys, owner = units(examples, by_user)
-    embedding = unit_embedding(token_contrasts(examples), owner, len(keys), num_experts)
+    return clustered_start(token_contrasts(examples), keys, owner, num_experts, steps, seed)
+
+
+def clustered_start(
+    contrasts: torch.Tensor, keys: list, owner: torch.Tensor, num_experts: int, steps: int, seed: int
+) -> Start:
+    """The start from any contrasts (N, F) of N examples, ``owner`` (N,) the index of each one's unit in
+    ``keys``: whitened unit means, their top components, k-means++."""
+    embedding = unit_embedding(contrasts.double(), owner, len(keys), num_experts)
     labels = cluster(embedding, num_experts, seed)
     return Start(dict(zip(keys, labels.tolist())), num_experts, steps)
+
+
+def ranking_contrasts(features: torch.Tensor, ranking: torch.Tensor, mask: torch.Tensor | None = None):
+    """A ranking's contrast (N, F) from its completions' features (N, M, F): the sum over the pairs it implies of
+    better minus worse, which is each completion's features weighted by (n - 1 - 2 * its place), n = the real
+    completions (Borda's count, centred). For two completions: chosen minus rejected, as for pairs."""
+    n = ranking.shape[-1] if mask is None else mask.sum(-1, keepdim=True)  # (N, 1) or M
+    places = torch.arange(ranking.shape[-1], device=ranking.device).expand_as(ranking)
+    weight = (n - 1 - 2 * places).to(features.dtype)
+    if mask is not None:
+        weight = weight * mask
+    zeros = torch.zeros(ranking.shape, dtype=features.dtype, device=features.device)
+    per_completion = zeros.scatter_add(-1, ranking, weight)  # add: a padded place may repeat a real index
+    return (per_completion.unsqueeze(-1) * features).sum(-2)

@@ -13,10 +13,12 @@ from moedpo.losses.mixture import (
     weighted_dpo_loss,
 )
 from moedpo.losses.rankings import (
+    pairwise_margins,
     plackett_luce_log_prob,
     ranking_component_log_likelihood,
     ranking_log_likelihood,
     ranking_mixture_nll,
+    ranking_pairs,
     ranking_responsibilities,
 )
 
@@ -31,10 +33,12 @@ __all__ = [
     "margins",
     "mixture_nll",
     "mixture_reward",
+    "pairwise_margins",
     "plackett_luce_log_prob",
     "ranking_component_log_likelihood",
     "ranking_log_likelihood",
     "ranking_mixture_nll",
+    "ranking_pairs",
     "ranking_responsibilities",
     "responsibilities",
     "usage_entropy_penalty",

@@ -90,3 +90,31 @@ def ranking_responsibilities(
 ) -> torch.Tensor:
     """Exact posterior over the type of each ranking (B, K), or of each user (U, K) in user scope."""
     return torch.softmax(_log_joint(h, ranking, gate_logits, beta, mask, user_index), -1)
+
+
+def ranking_pairs(ranking: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered pair a ranking implies, as completion indices: (better (B, P), worse (B, P)) with
+    P = M (M - 1) / 2 position pairs j < l, and ``valid`` (B, P) bool (both positions real). What a ranking
+    "cut into pairs" is; :func:`pairwise_margins` reads it."""
+    num = ranking.shape[-1]
+    first, second = torch.triu_indices(num, num, offset=1, device=ranking.device)  # (P,) positions j < l
+    better, worse = ranking[..., first], ranking[..., second]
+    if mask is None:
+        valid = torch.ones_like(better, dtype=torch.bool)
+    else:
+        valid = mask[..., first] & mask[..., second]
+    return torch.stack([better, worse]), valid
+
+
+def pairwise_margins(
+    h: torch.Tensor, ranking: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_better - h_worse for every pair a ranking implies: h (B, M, K) -> margins (B, P, K) and ``valid``
+    (B, P). An expert orders pair p right when its margin is positive (Kendall's concordance)."""
+    (better, worse), valid = ranking_pairs(ranking, mask)
+    return _rows(h, better) - _rows(h, worse), valid
+
+
+def _rows(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """h (B, M, K) at completions ``index`` (B, P) -> (B, P, K)."""
+    return h.gather(-2, index.unsqueeze(-1).expand(*index.shape, h.shape[-1]))

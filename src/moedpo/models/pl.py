@@ -16,7 +16,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from pyro.ops.indexing import Vindex
 
-from moedpo.losses.rankings import plackett_luce_log_prob
+from moedpo.losses.rankings import plackett_luce_log_prob, ranking_log_likelihood
 from moedpo.models.bt import ENUM, user_slots
 
 
@@ -76,6 +76,12 @@ class PlackettLuce(TorchDistribution):
         return plackett_luce_log_prob(self.logits, value, self.item_mask)
 
 
+def ranking_rows(h, beta, obs, *, mask=None, **_) -> torch.Tensor:
+    """log P(ranking_i | z = k), (B, K): what each expert makes of each row. The E-step reads a model's
+    ``row_log_likelihood`` to turn its derivatives into per-row responsibilities (BT models: the sigmoid link)."""
+    return ranking_log_likelihood(h, obs, beta, mask)
+
+
 def _no_smoothing(label_smoothing: float) -> None:
     if label_smoothing:
         raise ValueError(f"Plackett–Luce models have no label-smoothing link; got label_smoothing={label_smoothing}")
@@ -98,6 +104,7 @@ def mixture_pl_model(
 
 
 mixture_pl_model.max_plate_nesting = 1
+mixture_pl_model.row_log_likelihood = ranking_rows
 
 
 def user_pl_model(
@@ -127,3 +134,4 @@ def user_pl_model(
 
 
 user_pl_model.max_plate_nesting = 2
+user_pl_model.row_log_likelihood = ranking_rows
