@@ -49,21 +49,23 @@ def test_estep_responsibilities_of_rankings_equal_the_closed_form(scope):
     batch, completions, experts, users = 9, 4, 3, 4
     h = torch.randn(batch, completions, experts, generator=generator, dtype=torch.float64)
     ranking, mask = random_rankings(batch, completions, generator)
+    ranked = torch.minimum(torch.tensor([1, 3, 2, 1, 3, 2, 3, 3, 1]), mask.sum(-1) - 1)  # top-k rankings too
     beta = 0.7
     if scope == "user":
         user_index = torch.tensor([0, 1, 1, 2, 2, 2, 3, 0, 1])
         gate_logits = torch.randn(users, experts, generator=generator, dtype=torch.float64)
-        model, kwargs = user_pl_model, {"user_index": user_index, "mask": mask}
-        expected = ranking_responsibilities(h, gate_logits, beta, ranking, mask, user_index)  # (U, K)
+        model, kwargs = user_pl_model, {"user_index": user_index, "mask": mask, "ranked": ranked}
+        expected = ranking_responsibilities(h, gate_logits, beta, ranking, mask, user_index, ranked=ranked)  # (U, K)
         expected_rows = expected[user_index]
     else:
+        user_index = None
         gate_logits = torch.randn(batch, experts, generator=generator, dtype=torch.float64)
-        model, kwargs = mixture_pl_model, {"mask": mask}
-        expected = expected_rows = ranking_responsibilities(h, gate_logits, beta, ranking, mask)
+        model, kwargs = mixture_pl_model, {"mask": mask, "ranked": ranked}
+        expected = expected_rows = ranking_responsibilities(h, gate_logits, beta, ranking, mask, ranked=ranked)
     e = e_step(model, (h, gate_logits, beta, ranking), kwargs, beta, 0.0, model.max_plate_nesting)
     torch.testing.assert_close(e.pair_q, expected_rows, atol=1e-9, rtol=0)
     torch.testing.assert_close(e.gate_q.reshape(expected.shape), expected, atol=1e-9, rtol=0)
-    evidence = -ranking_mixture_nll(h, gate_logits, beta, ranking, mask, kwargs.get("user_index")).sum()
+    evidence = -ranking_mixture_nll(h, gate_logits, beta, ranking, mask, user_index, ranked=ranked).sum()
     torch.testing.assert_close(e.post.log_evidence, evidence, atol=1e-9, rtol=0)
 
 
@@ -160,11 +162,14 @@ def test_rankings_refuse_what_only_pairs_have():
 
 def test_ranking_contrasts_are_centred_borda_counts():
     """Places 0..n-1 weigh n-1-2j: [2, 0, 1] of three one-hot completions gives 2: +2, 0: 0, 1: -2; a padded
-    third place counts nothing, and two completions give chosen minus rejected."""
+    third place counts nothing, and two completions give chosen minus rejected. With only the top place known
+    (ranked 1), 2 beats both others (+2) and each of them loses once (-1)."""
     features = torch.eye(3).unsqueeze(0)
     torch.testing.assert_close(ranking_contrasts(features, torch.tensor([[2, 0, 1]])), torch.tensor([[0.0, -2, 2]]))
     padded = ranking_contrasts(features, torch.tensor([[2, 0, 0]]), torch.tensor([[True, True, False]]))
     torch.testing.assert_close(padded, torch.tensor([[-1.0, 0, 1]]))
+    top = ranking_contrasts(features, torch.tensor([[2, 0, 1]]), ranked=torch.tensor([1]))
+    torch.testing.assert_close(top, torch.tensor([[-1.0, -1, 2]]))
 
 
 def test_ranking_agreement_by_hand():
@@ -174,6 +179,8 @@ def test_ranking_agreement_by_hand():
     out = ranking_agreement(scores, ranking)
     assert out["top1"] == pytest.approx(1 / 3)  # row 3's best ties: not a top-1 hit
     assert out["kendall_tau"] == pytest.approx((1 - 1 + 2 / 3) / 3)  # row 3: +1 +1 and a tie
+    top = ranking_agreement(scores, ranking, ranked=torch.tensor([1, 1, 1]))  # only 0 > 1 and 0 > 2 are known
+    assert top["kendall_tau"] == pytest.approx((1 - 1 + 1 / 2) / 3)  # row 3: a tie and +1
 
 
 def test_ranking_world_types_disagree_and_pairs_cut_as_stated():

@@ -27,10 +27,11 @@ def leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
-def by_hand(scores: list[float], ranking: list[int], n: int) -> float:
-    """log P(ranking) as the definition reads: pick the best of what is left, n times."""
+def by_hand(scores: list[float], ranking: list[int], n: int, ranked: int | None = None) -> float:
+    """log P(ranking) as the definition reads: pick the best of what is left among the n real completions, for
+    each of the first ``ranked`` places (all n when None); the order of the rest is not observed."""
     left, total = list(ranking[:n]), 0.0
-    for item in ranking[:n]:
+    for item in ranking[: n if ranked is None else ranked]:
         top = max(scores[i] for i in left)
         total += scores[item] - (top + math.log(sum(math.exp(scores[i] - top) for i in left)))
         left.remove(item)
@@ -39,24 +40,30 @@ def by_hand(scores: list[float], ranking: list[int], n: int) -> float:
 
 def closed(batch, scope="pairs"):
     users = batch.get("user_index") if scope == "users" else None
-    return lambda h, g, beta, **_: ranking_mixture_nll(h, g, beta, batch["obs"], batch["mask"], users)
+    return lambda h, g, beta, **_: ranking_mixture_nll(
+        h, g, beta, batch["obs"], batch["mask"], users, ranked=batch["ranked"]
+    )
 
 
 @given(mst.ranking_batches())
 def test_log_prob_matches_the_definition_in_float64(batch):
     scores = batch["beta"] * batch["h"][..., 0]
-    got = plackett_luce_log_prob(scores, batch["obs"], batch["mask"])
-    for i, (row, rank, mask) in enumerate(zip(scores.tolist(), batch["obs"].tolist(), batch["mask"])):
-        assert got[i].item() == pytest.approx(by_hand(row, rank, int(mask.sum())), rel=1e-9, abs=1e-9)
+    got = plackett_luce_log_prob(scores, batch["obs"], batch["mask"], batch["ranked"])
+    rows = zip(scores.tolist(), batch["obs"].tolist(), batch["mask"], batch["ranked"].tolist())
+    for i, (row, rank, mask, ranked) in enumerate(rows):
+        assert got[i].item() == pytest.approx(by_hand(row, rank, int(mask.sum()), ranked), rel=1e-9, abs=1e-9)
 
 
 @given(mst.ranking_batches(max_batch=1, max_completions=4))
 def test_probabilities_of_every_ranking_sum_to_one(batch):
-    n = int(batch["mask"][0].sum())
+    """Over every ranking of the n real completions, or, with k = ``ranked`` < n - 1 observed places, over every
+    distinct top-k prefix (each the first of the rankings that share it)."""
+    n, k = int(batch["mask"][0].sum()), int(batch["ranked"][0])
     width = batch["mask"].shape[1]
-    rankings = torch.tensor([list(p) + list(range(n, width)) for p in itertools.permutations(range(n))])
+    prefixes = {p[:k]: p for p in itertools.permutations(range(n))}
+    rankings = torch.tensor([list(p) + list(range(n, width)) for p in prefixes.values()])
     scores = batch["beta"] * batch["h"][0, :, 0]
-    total = plackett_luce_log_prob(scores, rankings, batch["mask"][0]).exp().sum()
+    total = plackett_luce_log_prob(scores, rankings, batch["mask"][0], batch["ranked"][0]).exp().sum()
     assert total.item() == pytest.approx(1.0, rel=1e-9)
 
 
@@ -91,8 +98,9 @@ def test_relabelling_the_completions_changes_nothing(batch, rng):
     h = torch.empty_like(batch["h"])
     h[:, perm] = batch["h"]
     ranking = torch.where(batch["mask"], perm[batch["obs"]], batch["obs"])
-    before = ranking_mixture_nll(batch["h"], batch["gate_logits"], batch["beta"], batch["obs"], batch["mask"])
-    after = ranking_mixture_nll(h, batch["gate_logits"], batch["beta"], ranking, batch["mask"])
+    args = (batch["gate_logits"], batch["beta"])
+    before = ranking_mixture_nll(batch["h"], *args, batch["obs"], batch["mask"], ranked=batch["ranked"])
+    after = ranking_mixture_nll(h, *args, ranking, batch["mask"], ranked=batch["ranked"])
     assert torch.allclose(before, after)
 
 
@@ -100,7 +108,7 @@ def test_relabelling_the_completions_changes_nothing(batch, rng):
 def test_pyro_enumeration_equals_closed_form(batch):
     check_matches_closed_form(
         mixture_pl_model, closed(batch), batch["h"], batch["gate_logits"], batch["beta"], obs=batch["obs"],
-        mask=batch["mask"],
+        mask=batch["mask"], ranked=batch["ranked"],
     )  # fmt: skip
 
 
@@ -108,19 +116,20 @@ def test_pyro_enumeration_equals_closed_form(batch):
 def test_pyro_enumeration_equals_closed_form_user_scope(batch):
     check_matches_closed_form(
         user_pl_model, closed(batch, "users"), batch["h"], batch["gate_logits"], batch["beta"], obs=batch["obs"],
-        mask=batch["mask"], user_index=batch["user_index"],
+        mask=batch["mask"], user_index=batch["user_index"], ranked=batch["ranked"],
     )  # fmt: skip
 
 
 @given(mst.ranking_batches(max_batch=3, user_scope=True))
 def test_e_step_posterior_equals_brute_force_and_the_closed_form(batch):
-    kwargs = dict(obs=batch["obs"], mask=batch["mask"], user_index=batch["user_index"])
+    kwargs = dict(obs=batch["obs"], mask=batch["mask"], user_index=batch["user_index"], ranked=batch["ranked"])
     check_posterior_by_enumeration(user_pl_model, batch["h"], batch["gate_logits"], batch["beta"], **kwargs)
     post = posterior(user_pl_model, batch["h"], batch["gate_logits"], batch["beta"], batch["obs"],
-                     mask=batch["mask"], user_index=batch["user_index"])  # fmt: skip
+                     mask=batch["mask"], user_index=batch["user_index"], ranked=batch["ranked"])  # fmt: skip
     q = ranking_responsibilities(
-        batch["h"], batch["gate_logits"], batch["beta"], batch["obs"], batch["mask"], batch["user_index"]
-    )
+        batch["h"], batch["gate_logits"], batch["beta"], batch["obs"], batch["mask"], batch["user_index"],
+        ranked=batch["ranked"],
+    )  # fmt: skip
     assert torch.allclose(post.marginals["z"].reshape(q.shape), q)
 
 
@@ -128,12 +137,12 @@ def test_e_step_posterior_equals_brute_force_and_the_closed_form(batch):
 def test_fisher_gradient_identity(batch):
     """grad of -log P(D) equals the gradient of the M-step loss with the E-step posterior held fixed."""
     h, g, beta, users = leaf(batch["h"]), leaf(batch["gate_logits"]), batch["beta"], batch["user_index"]
-    ranking, mask = batch["obs"], batch["mask"]
-    marginal = torch.autograd.grad(ranking_mixture_nll(h, g, beta, ranking, mask, users).sum(), (h, g))
-    q = ranking_responsibilities(h, g, beta, ranking, mask, users).detach()
-    loglik = ranking_component_log_likelihood(h, ranking, beta, mask, users, g.shape[0])
+    ranking, mask, ranked = batch["obs"], batch["mask"], batch["ranked"]
+    marginal = torch.autograd.grad(ranking_mixture_nll(h, g, beta, ranking, mask, users, ranked=ranked).sum(), (h, g))
+    q = ranking_responsibilities(h, g, beta, ranking, mask, users, ranked=ranked).detach()
+    loglik = ranking_component_log_likelihood(h, ranking, beta, mask, users, g.shape[0], ranked=ranked)
     weighted = torch.autograd.grad((-(q * loglik).sum(-1) + gate_cross_entropy(g, q)).sum(), (h, g))
-    pyro_em, _ = em_loss(user_pl_model, h, g, beta, ranking, mask=mask, user_index=users)
+    pyro_em, _ = em_loss(user_pl_model, h, g, beta, ranking, mask=mask, user_index=users, ranked=ranked)
     for a, b, c in zip(marginal, weighted, torch.autograd.grad(pyro_em, (h, g))):
         assert torch.allclose(a, b) and torch.allclose(a, c)
 
@@ -141,13 +150,14 @@ def test_fisher_gradient_identity(batch):
 @given(mst.ranking_batches(max_abs=1e4), st.floats(0.5, 1.0))
 def test_float32_matches_float64_for_large_rewards(batch, beta):
     h64 = batch["h"]
-    args = (batch["gate_logits"], beta, batch["obs"], batch["mask"])
-    exact = ranking_mixture_nll(h64, *args)
-    low = ranking_mixture_nll(h64.float(), batch["gate_logits"].float(), *args[1:])
+    args, ranked = (batch["gate_logits"], beta, batch["obs"], batch["mask"]), batch["ranked"]
+    exact = ranking_mixture_nll(h64, *args, ranked=ranked)
+    low = ranking_mixture_nll(h64.float(), batch["gate_logits"].float(), *args[1:], ranked=ranked)
     assert torch.isfinite(low).all()
     assert torch.allclose(low.double(), exact, rtol=1e-4, atol=1e-2)
     h32 = leaf(h64.float())
-    (grad,) = torch.autograd.grad(ranking_mixture_nll(h32, batch["gate_logits"].float(), *args[1:]).sum(), h32)
+    low = ranking_mixture_nll(h32, batch["gate_logits"].float(), *args[1:], ranked=ranked)
+    (grad,) = torch.autograd.grad(low.sum(), h32)
     assert torch.isfinite(grad).all()
 
 

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         "personalize", help="a new annotator's posterior over the experts from a few labelled pairs (no retraining)"
     )
     p_pers.add_argument("run_dir")
-    p_pers.add_argument("--pairs", required=True, help="the annotator's labelled pairs (a preference file)")
+    p_pers.add_argument("--pairs", required=True, help="the annotator's labelled pairs (rankings, for a ranking run)")
     p_pers.add_argument("--user", help="the annotator's name (default: the file's user_id, else its name)")
     p_gen = sub.add_parser("generate", help="route a prompt by the gate and generate with that expert")
     p_gen.add_argument("run_dir")

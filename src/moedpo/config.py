@@ -25,7 +25,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # "builtin", "builtin:domain", "reviews", a JSON/JSONL/CSV/Parquet file or a datasets name
+    source: str = "builtin"  # builtin | builtin:domain | builtin:rankings | reviews | a local file | datasets name
     split: str = "train"  # datasets split (hub names and folders)
     eval_source: str | None = None  # held-out file; default: eval_fraction of each annotator's pairs
     eval_fraction: float = 0.25  # share of each annotator's pairs held out (of all pairs without user_id)
@@ -34,6 +34,7 @@ class DataConfig:
     truncation_mode: str = "keep_start"  # keep_start | keep_end (TRL)
     annotators_per_type: int = 10  # built-in worlds (builtin, reviews)
     pairs_per_annotator: int = 40  # built-in worlds (30 train + 10 held-out pairs each with eval_fraction 0.25)
+    rankings_per_annotator: int = 4  # builtin:rankings: rankings of four completions by each annotator
     objectives: list | None = None  # reviews: the annotator types (default: sentiment, informativeness, grammar)
     pretrain_reviews: int = 3000  # reviews: unlabelled reviews a scratch reference is pretrained on
     allow_unknown_tokens: bool = False  # train although over 2% of the tokens are the tokenizer's unknown token

@@ -27,7 +27,7 @@ from moedpo.config import ConfigError
 from moedpo.data.loading import load_preference_rows
 from moedpo.data.prepared import UNKNOWN_LIMIT, unknown_token_share
 from moedpo.data.sources import normalised, tokenize_data
-from moedpo.eval.evaluate import bank_margins, gate_batch, latent_posterior
+from moedpo.eval.evaluate import bank_margins, gate_batch, latent_posterior, observed
 from moedpo.runs import Personalization
 from moedpo.session import RunSession
 
@@ -44,10 +44,14 @@ def posteriors_from_examples(session: RunSession, examples: list[dict], user: st
         )
     if not examples:
         raise ConfigError(f"personalize {user!r}: no pairs left to read (after dropping what TRL drops)")
+    if ("completion_ids" in examples[0]) != run.data.rankings:
+        given, trained = ("rankings", "pairs") if "completion_ids" in examples[0] else ("pairs", "rankings")
+        raise ConfigError(f"personalize {user!r}: the file holds {given}, and this run was trained on {trained}; "
+                          f"give the annotator's {trained}")  # fmt: skip
     fit = bank_margins(run.bank, examples, run.tokenizer.pad_token_id)
     prior_logits = run.gate.new_user_logits(gate_batch(examples), fit["features"].to(run.bank.device)).cpu()
     zeros = torch.zeros(len(examples), dtype=torch.long)  # one annotator: every pair is theirs
-    exact = latent_posterior(run, fit["h"], prior_logits.unsqueeze(0), {"user_index": zeros}).reshape(-1)
+    exact = latent_posterior(run, fit["h"], prior_logits.unsqueeze(0), {"user_index": zeros}, observed(fit)).reshape(-1)
     amortized = None
     if hasattr(run.guide, "logits") and "guide_features" in fit:
         logits = run.guide.logits(fit["guide_features"].to(run.bank.device), prior_logits.unsqueeze(0).float(), zeros)

@@ -132,10 +132,11 @@ def _resolve_auto(config: Config, run_dir: Path, resume: bool) -> tuple[Config, 
 def _announce(run: Run, run_dir: Path, threads: int) -> None:
     d, config = run.data, run.config
     cpu = f"; {threads} CPU thread{'s' * (threads > 1)} of {len(cores())} cores (train.num_threads)"
+    unit, tie = ("rankings", "the best scores tie") if d.rankings else ("pairs", "chosen equals rejected")
     print(
-        f"moedpo: run directory {run_dir}; {len(d.train)} training and {len(d.eval)} held-out pairs, "
-        f"{d.num_truncated} truncated, {d.num_dropped} dropped (prompt >= data.max_length as TRL, or chosen "
-        f"equals rejected); em.scope={config.em.scope} over {len(d.user_ids)} annotators; {d.split}"
+        f"moedpo: run directory {run_dir}; {len(d.train)} training and {len(d.eval)} held-out {unit}, "
+        f"{d.num_truncated} truncated, {d.num_dropped} dropped (prompt >= data.max_length as TRL, or {tie}); "
+        f"em.scope={config.em.scope} over {len(d.user_ids)} annotators; {d.split}"
         f"{cpu if run.bank.device.type == 'cpu' else ''}",
         file=sys.stderr,
         flush=True,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from moedpo.assembly import Run
 from moedpo.assembly.components import build_start
 from moedpo.data.batching import BatchPlan
-from moedpo.data.tokenize import collate
+from moedpo.data.tokenize import collate_examples
 from moedpo.distributed import DataParallel
 from moedpo.inference import VariationalEM
 from moedpo.progress import Progress
@@ -39,7 +39,7 @@ class LoopParts:
         t, pad = self.run.config.train, self.run.tokenizer.pad_token_id
         acc = t.gradient_accumulation_steps
         shards = [self.plan(step * acc + i, self.dp.shard) for i in range(acc)]  # this process's share; may be empty
-        loss = self.loop.step(*[collate(examples, pad) if examples else None for examples in shards])
+        loss = self.loop.step(*[collate_examples(examples, pad) if examples else None for examples in shards])
         metrics = {**self.loop.metrics, "learning_rate": self.scheduler.get_last_lr()[0]}
         metrics["world_size"] = self.dp.world_size
         metrics["epoch"] = (step + 1) * acc / self.plan.per_epoch

@@ -130,8 +130,8 @@ def test_datasets_folder_loads_through_load_dataset(tmp_path):
 
 def test_pad_right_pads_ragged_rows_with_the_value():
     """By hand: rows of 3, 1 and 0 tokens pad to width 3 with the value; long ids, also when every row is empty."""
-    from moedpo.data.tokenize import _pad
+    from moedpo.data.tokenize import pad
 
-    padded = _pad([[5, 6, 7], [8], []], -3)
+    padded = pad([[5, 6, 7], [8], []], -3)
     assert padded.dtype == torch.long and padded.tolist() == [[5, 6, 7], [8, -3, -3], [-3, -3, -3]]
-    assert _pad([[], []], 0).shape == (2, 0) and _pad([[], []], 0).dtype == torch.long
+    assert pad([[], []], 0).shape == (2, 0) and pad([[], []], 0).dtype == torch.long

@@ -15,7 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 from moedpo.assembly.base import build_base
-from moedpo.assembly.components import build_bank, build_gate, build_guide, gate_feature_dim, resolve_latent_model
+from moedpo.assembly.components import (
+    build_bank,
+    build_gate,
+    build_guide,
+    check_rankings,
+    gate_feature_dim,
+    resolve_latent_model,
+)
 from moedpo.assembly.data import prepare_data
 from moedpo.config import Config, ConfigError, load_config
 from moedpo.data import reviews_world
@@ -65,6 +72,9 @@ def build_run(config: Config, device: torch.device, saved: Path | None = None) -
     else:
         data = prepare_data(config, tokenizer)  # validates every row first: errors leave nothing behind
     _check_num_experts(config, data)
+    if data.rankings:
+        check_rankings(config)
+        model = resolve_latent_model(config, rankings=True)
     bank = build_bank(config, base, device)
     gate = build_gate(config, gate_feature_dim(config, base, data), len(data.user_ids), data.user_feature_dim)
     guide = build_guide(config, base)

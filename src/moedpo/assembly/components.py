@@ -14,9 +14,11 @@ from moedpo.inference.start import Start, data_start
 from moedpo.models.bt import mixture_bt_model, user_bt_model
 from moedpo.models.gates import FixedGate, MLPGate, Router, UserGate
 from moedpo.models.guides import AmortizedGuide
+from moedpo.models.pl import mixture_pl_model, user_pl_model
 from moedpo.plugins import import_object
 
 BUILTIN_MODELS = {"mixture": mixture_bt_model, "pair": mixture_bt_model, "user": user_bt_model}
+RANKING_MODELS = {"mixture": mixture_pl_model, "pair": mixture_pl_model, "user": user_pl_model}  # Plackett–Luce
 
 
 def build_start(config: Config, data: PreparedData) -> Start | None:
@@ -28,6 +30,20 @@ def build_start(config: Config, data: PreparedData) -> Start | None:
     if config.em.init == "symmetric" or (config.em.init == "auto" and not by_user) or config.experts.num_experts == 1:
         return None
     return data_start(data.train, config.experts.num_experts, by_user, config.em.init_steps, config.train.seed)
+
+
+def check_rankings(config: Config) -> None:
+    """What training on rankings does not take (each is a pairwise construction), named before anything trains."""
+    em, t = config.em, config.train
+    refused = [
+        (em.schedule == "routed", "em.schedule=routed", "routes pairs by a guide; use em, gumbel or svi"),
+        (bool(em.guide), f"em.guide={em.guide}", "reads a pair's features; leave it empty"),
+        (t.loss_type != "sigmoid", f"train.loss_type={t.loss_type}", "is a pairwise loss; use sigmoid"),
+        (bool(em.label_smoothing), f"em.label_smoothing={em.label_smoothing}", "has no Plackett–Luce link; use 0"),
+    ]
+    for bad, key, why in refused:
+        if bad:
+            raise ConfigError(f"{config.data.source} holds rankings, and {key} {why}")
 
 
 def gate_feature_dim(config: Config, base, data: PreparedData) -> int:
@@ -106,10 +122,11 @@ def build_guide(config: Config, base):
     return import_object(config.em.guide, "em.guide")
 
 
-def resolve_latent_model(config: Config):
-    """``em.model``: a built-in short name, ``package.module:name``, or empty for the scope's built-in model."""
+def resolve_latent_model(config: Config, rankings: bool = False):
+    """``em.model``: a built-in short name, ``package.module:name``, or empty for the scope's built-in model
+    (for ranking data, the scope's Plackett–Luce model)."""
     spec = config.em.model or config.em.scope
-    model = BUILTIN_MODELS.get(spec) or import_object(spec, "em.model")
+    model = (RANKING_MODELS if rankings else BUILTIN_MODELS).get(spec) or import_object(spec, "em.model")
     if getattr(model, "max_plate_nesting", None) is None:
         raise ConfigError(
             f"em.model={spec!r}: set `{getattr(model, '__name__', 'model')}.max_plate_nesting = N` on the function "

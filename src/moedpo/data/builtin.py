@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _completion(rng: random.Random, length: int = 6) -> str:
+def draw_completion(rng: random.Random, length: int = 6) -> str:
     n_a, n_b = rng.randint(0, 3), rng.randint(0, 3)
     words = rng.sample(A_WORDS, n_a) + rng.sample(B_WORDS, n_b)
     words += [rng.choice(NEUTRAL) for _ in range(length - len(words))]
@@ -53,7 +53,7 @@ def make_builtin_rows(
     def draw_pair(rng, kind):
         topics = DOMAINS[kind] if domain_reveals_type else DOMAINS["bright"] + DOMAINS["dark"]
         prompt = f"{rng.choice(PROMPT_VERBS)} the {rng.choice(topics)} :"
-        return (prompt, *distinct_pair(rng, kind, _completion, reward))
+        return (prompt, *distinct_pair(rng, kind, draw_completion, reward))
 
     def reward(text, kind):
         return true_reward(text, kind, scale)

@@ -49,11 +49,11 @@ class PreferenceRow:
         return self.chosen == self.rejected
 
 
-def _is_messages(value) -> bool:
+def is_messages(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def _check_completion(value, source, row, field, conversational, explicit) -> None:
+def check_completion(value, source, row, field, conversational, explicit) -> None:
     """A completion must have the row's type; an explicitly given one (``explicit``) must also be non-empty.
 
     Implicit-prompt rows are whole texts/conversations, checked before the prompt is split off; what is left
@@ -62,7 +62,7 @@ def _check_completion(value, source, row, field, conversational, explicit) -> No
     if value is None:
         raise PreferenceDataError(source, row, field, "missing (expected a non-empty completion)")
     if conversational:
-        if not _is_messages(value) or not value:
+        if not is_messages(value) or not value:
             raise PreferenceDataError(source, row, field, f"expected a non-empty list of messages, got {value!r:.80}")
         if any(not isinstance(m["content"], str) for m in value):
             raise PreferenceDataError(source, row, field, "a message has non-string content")
@@ -115,15 +115,20 @@ def normalise_row(record: dict[str, Any], source: str, row: int) -> PreferenceRo
     if not isinstance(record, dict):
         raise PreferenceDataError(source, row, "<row>", f"expected an object with chosen/rejected, got {record!r:.80}")
     chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
-    conversational = _is_messages(chosen) or _is_messages(rejected)
-    _check_completion(chosen, source, row, "chosen", conversational, explicit=prompt is not None)
-    _check_completion(rejected, source, row, "rejected", conversational, explicit=prompt is not None)
+    conversational = is_messages(chosen) or is_messages(rejected)
+    check_completion(chosen, source, row, "chosen", conversational, explicit=prompt is not None)
+    check_completion(rejected, source, row, "rejected", conversational, explicit=prompt is not None)
     if prompt is None:  # an identical pair is kept here and dropped, counted, by tokenize_rows (no preference)
         prompt, chosen, rejected = _split_implicit(chosen, rejected, source, row)
-    elif conversational and not _is_messages(prompt):
+    elif conversational and not is_messages(prompt):
         raise PreferenceDataError(source, row, "prompt", "conversational rows need the prompt as a list of messages")
     elif not conversational and not isinstance(prompt, str):
         raise PreferenceDataError(source, row, "prompt", f"expected a string, got {type(prompt).__name__}")
+    return PreferenceRow(prompt, chosen, rejected, **optional_fields(record, source, row))
+
+
+def optional_fields(record: dict[str, Any], source: str, row: int) -> dict:
+    """The row's ``user_id``, ``user_features`` and ``group``, validated (those it has)."""
     extras = {}
     for field in OPTIONAL:
         value = record.get(field)
@@ -145,4 +150,4 @@ def normalise_row(record: dict[str, Any], source: str, row: int) -> PreferenceRo
         else:
             value = str(value)
         extras[field] = value
-    return PreferenceRow(prompt, chosen, rejected, **extras)
+    return extras

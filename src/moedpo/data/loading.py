@@ -1,5 +1,6 @@
-"""Read preference rows from local JSON/JSONL/CSV/Parquet files or ``datasets`` names, validating every row
-before anything is used (a bad row stops the run with file, row and field; nothing is half-written)."""
+"""Read preference rows (pairs or rankings) from local JSON/JSONL/CSV/Parquet files or ``datasets`` names,
+validating every row before anything is used (a bad row stops the run with file, row and field; nothing is
+half-written)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import io
 import json
 from pathlib import Path
 
-from moedpo.data.formats import PreferenceDataError, PreferenceRow, normalise_row
+from moedpo.data.formats import PreferenceDataError, PreferenceRow
+from moedpo.data.ranking_rows import RankingRow, normalise_record
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -59,8 +61,9 @@ def _read_records(path: Path) -> list:
     return pq.read_table(path).to_pylist()
 
 
-def load_preference_rows(source: str, split: str = "train") -> list[PreferenceRow]:
-    """Rows from a local file, or from ``datasets.load_dataset(source, split=split)`` for a folder or a hub name."""
+def load_preference_rows(source: str, split: str = "train") -> list[PreferenceRow | RankingRow]:
+    """Rows from a local file, or from ``datasets.load_dataset(source, split=split)`` for a folder or a hub name:
+    pairs, or rankings where the records have ``completions`` (:mod:`moedpo.data.ranking_rows`)."""
     path = Path(source)
     if path.is_file():
         records = _read_records(path)
@@ -75,4 +78,4 @@ def load_preference_rows(source: str, split: str = "train") -> list[PreferenceRo
         name = f"{source}[{split}]"
     if not records:
         raise PreferenceDataError(name, 0, "<file>", "no rows")
-    return [normalise_row(record, name, i) for i, record in enumerate(records)]
+    return [normalise_record(record, name, i) for i, record in enumerate(records)]

@@ -27,6 +27,11 @@ class PreparedData:
     conversational: bool = False  # rows were chat messages: prompts at generation go through the chat template
     split: str = ""  # how the held-out pairs were chosen, in words (for the log and config.yaml)
 
+    @property
+    def rankings(self) -> bool:
+        """The examples are rankings (``completions`` with ``ranking`` or ``scores``), not pairs."""
+        return any("completion_ids" in e for e in self.train[:1] + self.eval[:1])
+
     def save(self, path: Path) -> None:
         """The tokenized splits as JSON, so a run directory needs none of the original files (no pickle)."""
         plain = lambda e: {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in e.items()}  # noqa: E731
@@ -65,9 +70,15 @@ def unknown_token_share(examples: list[dict], unk_token_id: int | None) -> float
     """The share of prompt and completion token ids that are the tokenizer's unknown token (0 without one)."""
     if unk_token_id is None:
         return 0.0
-    keys = ("prompt_chosen_ids", "chosen_ids", "rejected_ids")
-    ids = [i for e in examples for key in keys for i in e[key]]
+    ids = [i for e in examples for part in _token_lists(e) for i in part]
     return sum(i == unk_token_id for i in ids) / max(1, len(ids))
+
+
+def _token_lists(example: dict) -> list[list[int]]:
+    """A pair's prompt, chosen and rejected ids; a ranking's prompt and completions."""
+    if "completion_ids" in example:
+        return [example["prompt_ids"][0], *example["completion_ids"]]
+    return [example["prompt_chosen_ids"], example["chosen_ids"], example["rejected_ids"]]
 
 
 def user_feature_width(examples: list[dict]) -> int | None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from moedpo.config import Config, DataConfig
 from moedpo.data import reviews_world
 from moedpo.data.builtin import make_builtin_rows
-from moedpo.data.formats import PreferenceDataError, PreferenceRow, normalise_row
+from moedpo.data.builtin_rankings import make_builtin_ranking_rows
+from moedpo.data.formats import PreferenceDataError, PreferenceRow
 from moedpo.data.loading import load_preference_rows
+from moedpo.data.ranking_rows import RankingRow, normalise_record
 from moedpo.data.tokenize import Tokenized, tokenize_rows
 
 SAMPLED_SOURCES = ("reviews",)  # pairs sampled from a reference policy: built by the reference stage
@@ -22,6 +24,11 @@ def source_rows(config: Config, source: str) -> list[PreferenceRow]:
     """The rows of ``source``: a built-in world, a local file or a ``datasets`` name (not a sampled source)."""
     if source in SAMPLED_SOURCES:
         raise ValueError(f"{source}: its pairs are sampled from a reference (moedpo.reference.reviews)")
+    if source == "builtin:rankings":
+        raw = make_builtin_ranking_rows(
+            config.data.annotators_per_type, config.data.rankings_per_annotator, seed=config.train.seed
+        )
+        return normalised(raw, source)
     if source.startswith("builtin"):
         raw = make_builtin_rows(
             config.data.annotators_per_type,
@@ -33,9 +40,10 @@ def source_rows(config: Config, source: str) -> list[PreferenceRow]:
     return load_preference_rows(source, config.data.split)
 
 
-def normalised(records: list, source: str) -> list[PreferenceRow]:
-    """Records in TRL's formats (or rows already read) as checked PreferenceRows; errors name ``source``'s row."""
-    return [r if isinstance(r, PreferenceRow) else normalise_row(r, source, i) for i, r in enumerate(records)]
+def normalised(records: list, source: str) -> list[PreferenceRow | RankingRow]:
+    """Records in TRL's formats or rankings (or rows already read) as checked rows; errors name ``source``'s row."""
+    rows = (PreferenceRow, RankingRow)
+    return [r if isinstance(r, rows) else normalise_record(r, source, i) for i, r in enumerate(records)]
 
 
 def reference_rows(config: Config) -> list[PreferenceRow]:
@@ -48,6 +56,12 @@ def reference_rows(config: Config) -> list[PreferenceRow]:
 
 def check_consistent(rows: list[PreferenceRow], source: str) -> None:
     """One format per file, and annotator ids on every row or none (a blank id would be an annotator of its own)."""
+    ranking = isinstance(rows[0], RankingRow)
+    mixed = next((i for i, r in enumerate(rows) if isinstance(r, RankingRow) != ranking), None)
+    if mixed is not None:
+        kinds = ("a pair (chosen/rejected)", "a ranking (completions)")
+        problem = f"{kinds[not ranking]}, while row 1 is {kinds[ranking]}: use one kind of row per file"
+        raise PreferenceDataError(source, mixed, "completions" if not ranking else "chosen", problem)
     odd = next((i for i, r in enumerate(rows) if r.conversational != rows[0].conversational), None)
     if odd is not None:
         kinds = ("plain text", "chat messages") if rows[0].conversational is False else ("chat messages", "plain text")

@@ -20,6 +20,10 @@ What TRL 1.16 does (``DPOTrainer._prepare_dataset`` and ``DataCollatorForPrefere
 (those next to the completion) before the rules above. Each example keeps prompt, chosen and rejected ids
 separately; ``collate`` builds ``input_ids`` (2B, T), ``attention_mask`` and ``completion_mask`` (1 on completion
 tokens only, which is what log-probs sum over), exactly the layout of TRL's ``DataCollatorForPreference``.
+
+Rankings (:mod:`moedpo.data.ranking_rows`) go through the same rules, every completion joined to the one prompt
+(which ends where its ids stop being a prefix of all of them); ``collate_rankings`` stacks one block of B rows per
+completion, (M * B, T).
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from dataclasses import dataclass, field
 import torch
 
 from moedpo.data.formats import PreferenceDataError, PreferenceRow
+from moedpo.data.ranking_rows import RankingRow
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 NO_PREFERENCE = "chosen equals rejected (no preference)"
+TIED_BEST = "the best completions' scores tie (no preference)"
 
 
 @dataclass
@@ -61,10 +67,11 @@ def prompt_input_ids(tokenizer, prompt: str | list) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def _prompt_text(tokenizer, row: PreferenceRow) -> str:
-    if row.conversational:
-        return tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=False)
-    return row.prompt
+def prompt_text(tokenizer, prompt: str | list) -> str:
+    """The prompt as text: a string as it is, chat messages rendered with the generation prompt."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return prompt
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -74,23 +81,20 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _split(tokenizer, row: PreferenceRow) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, chosen_ids, rejected_ids) of one row, the completions split where the ids diverge."""
-    prompt_ids = prompt_input_ids(tokenizer, row.prompt)
-    if row.conversational:
-        full_chosen = _chat_ids(tokenizer, row.prompt + row.chosen)
-        full_rejected = _chat_ids(tokenizer, row.prompt + row.rejected)
+def split_completions(tokenizer, prompt: str | list, completions: list) -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, completion ids) for one prompt and its completions (texts or message lists): each is
+    tokenized joined to the prompt, and the prompt ends where its ids stop being a prefix of every joint one."""
+    prompt_ids = prompt_input_ids(tokenizer, prompt)
+    if isinstance(prompt, list):
+        full = [_chat_ids(tokenizer, prompt + completion) for completion in completions]
     else:
         eos = tokenizer.eos_token or ""
-        chosen = row.chosen if row.chosen.endswith(eos) else row.chosen + eos
-        rejected = row.rejected if row.rejected.endswith(eos) else row.rejected + eos
-        full_chosen = tokenizer(row.prompt + chosen)["input_ids"]
-        full_rejected = tokenizer(row.prompt + rejected)["input_ids"]
-    cut = min(_common_prefix_length(prompt_ids, full_chosen), _common_prefix_length(prompt_ids, full_rejected))
-    return prompt_ids[:cut], full_chosen[cut:], full_rejected[cut:]
+        full = [tokenizer(prompt + (c if c.endswith(eos) else c + eos))["input_ids"] for c in completions]
+    cut = min(_common_prefix_length(prompt_ids, ids) for ids in full)
+    return prompt_ids[:cut], [ids[cut:] for ids in full]
 
 
-def _truncate(prompt: list[int], completion: list[int], max_length: int | None, mode: str):
+def truncate(prompt: list[int], completion: list[int], max_length: int | None, mode: str):
     """(prompt, completion, truncated) after cutting the sequence prompt+completion to ``max_length`` tokens."""
     if max_length is None or len(prompt) + len(completion) <= max_length:
         return prompt, completion, False
@@ -101,7 +105,7 @@ def _truncate(prompt: list[int], completion: list[int], max_length: int | None, 
     return prompt[len(prompt) + len(completion) - max_length :], completion, True
 
 
-def _drop_reason(prompt_ids: list[int], max_length: int | None, mode: str) -> str | None:
+def drop_reason(prompt_ids: list[int], max_length: int | None, mode: str) -> str | None:
     if max_length is not None and mode == "keep_start" and len(prompt_ids) >= max_length:
         return (
             f"prompt has {len(prompt_ids)} tokens, max_length is {max_length}: no completion token would be left "
@@ -110,12 +114,14 @@ def _drop_reason(prompt_ids: list[int], max_length: int | None, mode: str) -> st
     return None
 
 
-def _no_rows_left(source: str, dropped: list[tuple[int, str]]) -> PreferenceDataError:
+def no_rows_left(source: str, dropped: list[tuple[int, str]]) -> PreferenceDataError:
     """The error for a dataset with every row dropped; it names the first row dropped for length, if any."""
-    too_long = [(row, reason) for row, reason in dropped if reason != NO_PREFERENCE]
+    too_long = [(row, reason) for row, reason in dropped if reason not in (NO_PREFERENCE, TIED_BEST)]
     row, reason = (too_long or dropped)[0]
     if too_long:
         field, hint = "prompt", "raise max_length, set max_prompt_length below it, or use truncation_mode=keep_end"
+    elif reason == TIED_BEST:
+        field, hint = "scores", "give rankings whose best completion scores above the others"
     else:
         field, hint = "rejected", "give pairs whose chosen and rejected answers differ"
     return PreferenceDataError(
@@ -124,7 +130,7 @@ def _no_rows_left(source: str, dropped: list[tuple[int, str]]) -> PreferenceData
 
 
 def tokenize_rows(
-    rows: list[PreferenceRow],
+    rows: list[PreferenceRow | RankingRow],
     tokenizer,
     *,
     source: str = "<data>",
@@ -135,8 +141,11 @@ def tokenize_rows(
 ) -> Tokenized:
     """Tokenize rows like TRL; returns examples with integer user indices (new users appended to ``user_ids``).
 
-    Rows TRL drops, and pairs whose chosen equals their rejected (no preference), are counted in ``num_dropped``
-    and listed in ``dropped``; their users are not registered.
+    Pairs become ``prompt_chosen_ids`` / ``prompt_rejected_ids`` / ``chosen_ids`` / ``rejected_ids``; rankings
+    (:mod:`moedpo.data.ranking_rows`) ``prompt_ids`` and ``completion_ids`` (one list per completion, the prompt as
+    each sequence keeps it after truncation), ``ranking`` and ``ranked``, each completion joined to the one prompt
+    by the same rules. Rows TRL drops, pairs whose chosen equals their rejected and rankings whose best scores tie
+    (no preference) are counted in ``num_dropped`` and listed in ``dropped``; their users are not registered.
     Raises :class:`PreferenceDataError` if rows were given and every one was dropped.
     """
     if truncation_mode not in TRUNCATION_MODES:
@@ -145,44 +154,42 @@ def tokenize_rows(
     lookup = {u: i for i, u in enumerate(users)}
     examples, dropped, truncated_rows = [], [], 0
     for i, row in enumerate(rows):
+        ranking = isinstance(row, RankingRow)
         if row.no_preference:  # TRL trains on it; it carries no preference, so it is dropped and counted
-            dropped.append((i, NO_PREFERENCE))
+            dropped.append((i, TIED_BEST if ranking else NO_PREFERENCE))
             continue
-        prompt_ids, chosen_ids, rejected_ids = _split(tokenizer, row)
+        completions = row.completions if ranking else [row.chosen, row.rejected]
+        prompt_ids, completion_ids = split_completions(tokenizer, row.prompt, completions)
         cut_prompt = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
         if cut_prompt:
             prompt_ids = prompt_ids[-max_prompt_length:]
-        reason = _drop_reason(prompt_ids, max_length, truncation_mode)
+        reason = drop_reason(prompt_ids, max_length, truncation_mode)
         if reason is not None:
             dropped.append((i, reason))
             continue
-        p_c, chosen_ids, t_c = _truncate(prompt_ids, chosen_ids, max_length, truncation_mode)
-        p_r, rejected_ids, t_r = _truncate(prompt_ids, rejected_ids, max_length, truncation_mode)
-        truncated_rows += cut_prompt or t_c or t_r
+        cuts = [truncate(prompt_ids, ids, max_length, truncation_mode) for ids in completion_ids]
+        truncated_rows += cut_prompt or any(cut for _, _, cut in cuts)
         user = row.user_id if row.user_id is not None else f"__row_{i}"
         if user not in lookup:
             lookup[user] = len(users)
             users.append(user)
+        if ranking:
+            ids = {"prompt_ids": [p for p, _, _ in cuts], "completion_ids": [c for _, c, _ in cuts],
+                   "ranking": row.ranking, "ranked": row.ranked}  # fmt: skip
+        else:
+            (p_c, chosen_ids, _), (p_r, rejected_ids, _) = cuts
+            ids = {"prompt_chosen_ids": p_c, "prompt_rejected_ids": p_r, "chosen_ids": chosen_ids,
+                   "rejected_ids": rejected_ids}  # fmt: skip
         examples.append(
-            {
-                "index": i,
-                "prompt_text": _prompt_text(tokenizer, row),
-                "prompt_chosen_ids": p_c,
-                "prompt_rejected_ids": p_r,
-                "chosen_ids": chosen_ids,
-                "rejected_ids": rejected_ids,
-                "user": lookup[user],
-                "group": row.group,
-                "user_features": row.user_features,
-            }
-        )
+            {"index": i, "prompt_text": prompt_text(tokenizer, row.prompt), **ids, "user": lookup[user],
+             "group": row.group, "user_features": row.user_features}
+        )  # fmt: skip
     if rows and not examples:
-        raise _no_rows_left(source, dropped)
-    groups = [row.group for row in rows]
-    return Tokenized(examples, users, truncated_rows, groups, len(dropped), dropped)
+        raise no_rows_left(source, dropped)
+    return Tokenized(examples, users, truncated_rows, [row.group for row in rows], len(dropped), dropped)
 
 
-def _pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
     """Right-padded (N, longest) long tensor of the id lists."""
     rows = [torch.tensor(s, dtype=torch.long) for s in sequences]
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
@@ -197,9 +204,9 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
     ]
     sequences = chosen + rejected
     batch = {
-        "input_ids": _pad(sequences, pad_token_id),
-        "attention_mask": _pad([[1] * len(s) for s in sequences], 0),
-        "completion_mask": _pad(completion, 0),
+        "input_ids": pad(sequences, pad_token_id),
+        "attention_mask": pad([[1] * len(s) for s in sequences], 0),
+        "completion_mask": pad(completion, 0),
         "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
         "user": torch.tensor([e["user"] for e in examples], dtype=torch.long),
         "group": [e["group"] for e in examples],
@@ -209,3 +216,42 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
     if all("prompt_features" in e for e in examples):  # sentence-encoder features for the gate
         batch["prompt_features"] = torch.stack([e["prompt_features"] for e in examples])
     return batch
+
+
+def collate_rankings(examples: list[dict], pad_token_id: int) -> dict:
+    """Right-padded batch of B rankings of up to M completions: ``input_ids`` / ``attention_mask`` /
+    ``completion_mask`` (M * B, T) in completion-major blocks (rows m * B .. m * B + B - 1 hold completion m of
+    every ranking; a ranking with fewer completions has a one-pad-token row there), ``ranking`` (B, M) and
+    ``ranking_mask`` (B, M) (its padding ranks last), ``ranked`` (B,), ``index``, ``user`` (B,), ``group``."""
+    width = max(len(e["completion_ids"]) for e in examples)
+    sequences, completion = [], []
+    for m in range(width):
+        for e in examples:
+            # a missing completion: one pad token, attended, outside the completion (its log-prob is 0; a row
+            # with nothing attended can turn attention's softmax into NaN)
+            missing = m >= len(e["completion_ids"])
+            prompt, ids = ([pad_token_id], []) if missing else (e["prompt_ids"][m], e["completion_ids"][m])
+            sequences.append(prompt + ids)
+            completion.append([0] * len(prompt) + [1] * len(ids))
+    rankings = [e["ranking"] + list(range(len(e["ranking"]), width)) for e in examples]
+    batch = {
+        "input_ids": pad(sequences, pad_token_id),
+        "attention_mask": pad([[1] * len(s) for s in sequences], 0),
+        "completion_mask": pad(completion, 0),
+        "ranking": torch.tensor(rankings, dtype=torch.long),
+        "ranking_mask": torch.arange(width) < torch.tensor([len(e["ranking"]) for e in examples]).unsqueeze(-1),
+        "ranked": torch.tensor([e["ranked"] for e in examples], dtype=torch.long),
+        "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+        "user": torch.tensor([e["user"] for e in examples], dtype=torch.long),
+        "group": [e["group"] for e in examples],
+    }
+    if all(e["user_features"] is not None for e in examples):
+        batch["user_features"] = torch.tensor([e["user_features"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def collate_examples(examples: list[dict], pad_token_id: int) -> dict:
+    """A batch of tokenized pairs (:func:`collate`) or rankings (:func:`collate_rankings`)."""
+    if examples and "completion_ids" in examples[0]:
+        return collate_rankings(examples, pad_token_id)
+    return collate(examples, pad_token_id)

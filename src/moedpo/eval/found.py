@@ -43,6 +43,7 @@ class Evidence:
     calibration: tuple[float, float] | None = None  # (mean confidence, share whose top expert is best held out)
     start_agreement: float | None = None  # ARI(data start's clusters, trained assignment)
     restart_agreement: float | None = None  # ARI between the best two em.restarts' assignments
+    chance_nll: float = math.log(2)  # the held-out NLL of a uniform guess: ln 2 per pair, log n! per ranking of n
 
 
 def calibration(q: torch.Tensor, ids: torch.Tensor, h: torch.Tensor, users: torch.Tensor, beta: float):
@@ -75,7 +76,7 @@ def found_lines(evidence: Evidence, accuracy: list[float | None]) -> tuple[list[
     found = diagnostics(evidence)
     sentences = [f"**{d['name']}**: {d['message']}" for d in found] or [
         "No sign of weak evidence: every expert serves some, the posteriors are confident and the held-out mixture "
-        "NLL is below ln 2."
+        f"NLL is below a uniform guess's {evidence.chance_nll:.3f}."
     ]
     return [*lines, "", *sentences, ""], found
 
@@ -92,10 +93,16 @@ def diagnostics(e: Evidence) -> list[dict]:
         out.append(("weak_posteriors", f"The posteriors are weak: mean confidence {mean:.2f}, where a coin among "
                     f"{k} gives {1 / k:.2f}. This data does not tell the types apart well (more pairs per annotator, "
                     "or fewer experts, help)."))  # fmt: skip
-    if e.mixture_nll is not None and e.mixture_nll > math.log(2):
-        out.append(("overconfident_experts", f"The held-out mixture NLL {e.mixture_nll:.3f} is above ln 2 = 0.693, "
-                    "worse than a coin flip: the experts are overconfident. Lower train.learning_rate or em.beta, or "
-                    "set em.label_smoothing (e.g. 0.1)."))  # fmt: skip
+    pairs = math.isclose(e.chance_nll, math.log(2))
+    if e.mixture_nll is not None and e.mixture_nll > e.chance_nll:
+        guess = (
+            "above ln 2 = 0.693, worse than a coin flip"
+            if pairs
+            else (f"above a uniform guess's {e.chance_nll:.3f} (log n! per ranking), worse than chance")
+        )
+        advice = "Lower train.learning_rate or em.beta" + (", or set em.label_smoothing (e.g. 0.1)." if pairs else ".")
+        out.append(("overconfident_experts", f"The held-out mixture NLL {e.mixture_nll:.3f} is {guess}: the experts "
+                    f"are overconfident. {advice}"))  # fmt: skip
     if e.calibration is not None and k > 1 and e.calibration[0] - e.calibration[1] > CALIBRATION_GAP:
         sure, best = e.calibration
         out.append(("overconfident_posteriors", f"The posteriors claim {sure:.2f} on average, but an annotator's "

@@ -39,12 +39,14 @@ def pair_accuracy(prob_chosen: torch.Tensor) -> float:
     return float((prob_chosen > 0.5).double().mean())
 
 
-def ranking_agreement(scores: torch.Tensor, ranking: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+def ranking_agreement(
+    scores: torch.Tensor, ranking: torch.Tensor, mask: torch.Tensor | None = None, ranked: torch.Tensor | None = None
+) -> dict:
     """How well ``scores`` (N, M) (higher = better) predict observed rankings (N, M) (indices, best first;
-    ``mask`` (N, M) marks real positions): ``top1``, the share of rankings whose best completion has the top
-    score, and ``kendall_tau``, the mean over rankings of (concordant - discordant) / pairs, ties counted as
-    neither (tau-a)."""
-    margins, valid = pairwise_margins(scores.unsqueeze(-1), ranking, mask)  # (N, P, 1), (N, P)
+    ``mask`` (N, M) marks real positions, ``ranked`` (N,) the observed first choices): ``top1``, the share of
+    rankings whose best completion has the unique top score, and ``kendall_tau``, the mean over rankings of
+    (concordant - discordant) / known pairs, ties in ``scores`` counted as neither (tau-a)."""
+    margins, valid = pairwise_margins(scores.unsqueeze(-1), ranking, mask, ranked)  # (N, P, 1), (N, P)
     signs = torch.sign(margins.squeeze(-1)) * valid
     tau = signs.sum(-1) / valid.sum(-1).clamp_min(1)
     masked = scores if mask is None else scores.masked_fill(~mask, -torch.inf)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -43,13 +44,13 @@ def write_report(
     """``eval.json`` (metrics, the named diagnostics, per-example log-probs and weights) and ``training.png``;
     ``kept``: the step ``train.load_best_model_at_end`` kept (``best_model``)."""
     report_dir.mkdir(parents=True, exist_ok=True)
+    logps = [k for k in ("expert_chosen_logps", "expert_rejected_logps", "expert_completion_logps") if k in details]
     per_example = [
         {
             "index": e["index"],
             "user": e["user"],
             "group": e["group"],
-            "expert_chosen_logps": details["expert_chosen_logps"][i].tolist(),
-            "expert_rejected_logps": details["expert_rejected_logps"][i].tolist(),
+            **{key: details[key][i].tolist() for key in logps},
             "weights": details["weights"][i].tolist(),
         }
         for i, e in enumerate(examples)
@@ -135,15 +136,16 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
     session = session if session is not None else RunSession(run_dir)
     run, config, out = session.run, session.config, run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    unit = "rankings" if run.data.rankings else "pairs"
     lines = [f"# moedpo report: {run_dir.name}", "", f"`{config.data.source}` on `{config.model.name_or_path}`; "
              f"K={config.experts.num_experts} {config.experts.mode} experts, em.scope={config.em.scope}, "
-             f"{len(run.data.train)} training and {len(run.data.eval)} held-out pairs.", ""]  # fmt: skip
+             f"{len(run.data.train)} training and {len(run.data.eval)} held-out {unit}.", ""]  # fmt: skip
     metrics, details, kept = {}, None, None
     if run.data.eval:
         metrics, details = evaluate(run, run.data.train, run.data.eval)
         metrics.update({"data/num_truncated": run.data.num_truncated, "data/num_dropped": run.data.num_dropped})
         kept = _kept_step(run_dir, config)
-        lines += ["## Held-out pairs", ""]
+        lines += [f"## Held-out {unit}", ""]
         if kept:
             lines += [f"Parameters of step {kept['step']} of {config.train.max_steps} (train.load_best_model_at_end: "
                       f"best {kept['metric']}, {kept['value']:.4g}).", ""]  # fmt: skip
@@ -187,6 +189,7 @@ def _found_section(run, run_dir: Path, posteriors, metrics: dict, details: dict 
     posteriors and held-out accuracy, and the warnings (:mod:`moedpo.eval.found`)."""
     k, held_out = run.config.experts.num_experts, run.data.eval
     h = details["h"] if details is not None else None
+    correct = details["correct"] if details is not None else None  # (N, K): each expert's share ordered right
     if posteriors is not None:
         ids, q = posteriors
         names = [run.data.user_ids[i] for i in ids.tolist()]
@@ -204,15 +207,16 @@ def _found_section(run, run_dir: Path, posteriors, metrics: dict, details: dict 
     for j in range(k):
         rows = pair_expert == j if h is not None else torch.zeros(0, dtype=torch.bool)
         if bool(rows.any()):
-            accuracy[j] = float((h[rows, j] > 0).float().mean())
+            accuracy[j] = float(correct[rows, j].mean())
     dpo = run_dir / "dpo" / "report" / "eval.json"
     dpo_accuracy = json.loads(dpo.read_text())["metrics"].get("eval/rewards/accuracies") if dpo.exists() else None
     restarts = run_dir / RESTARTS_FILE
     restart_agreement = json.loads(restarts.read_text())["agreement"] if restarts.exists() else None
     evidence = Evidence(assigned, confidence, k, unit, metrics.get("eval/mixture_nll"),
                         metrics.get("eval/rewards/accuracies"), dpo_accuracy,
-                        restart_agreement=restart_agreement)  # fmt: skip
-    if posteriors is not None and h is not None:
+                        restart_agreement=restart_agreement,
+                        chance_nll=metrics.get("eval/chance_nll", math.log(2)))  # fmt: skip
+    if posteriors is not None and h is not None and h.dim() == 2:  # calibration: pairs (rankings not yet)
         users = torch.tensor([e["user"] for e in held_out], dtype=torch.long)
         start = build_start(run.config, run.data)  # what training began from (None: it did not)
         clusters = None if start is None else torch.tensor([start.clusters[("user", u)] for u in ids.tolist()])

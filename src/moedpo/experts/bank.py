@@ -17,14 +17,32 @@ import contextlib
 
 import torch
 
-from moedpo.data.tokenize import collate
+from moedpo.data.tokenize import collate_examples
 from moedpo.experts.logprobs import pooled_features, sequence_logps
 
 
+def stacked_rows(batch: dict, rows: torch.Tensor) -> torch.Tensor:
+    """The sequence rows of units ``rows`` (B',) in a batch stacked in blocks, [chosen; rejected] for pairs or one
+    block per completion for rankings: (blocks * B',)."""
+    num = batch["index"].shape[0]
+    blocks = batch["input_ids"].shape[0] // max(num, 1)
+    return torch.cat([rows + b * num for b in range(blocks)])
+
+
+def by_completion(values: torch.Tensor, num: int) -> torch.Tensor:
+    """Rows of a ranking batch's blocks, (M * B, ...), as (B, M, ...)."""
+    return values.reshape(-1, num, *values.shape[1:]).transpose(0, 1)
+
+
+def _padded_to(values: torch.Tensor, width: int) -> torch.Tensor:
+    """A ranking's (n, ...) cached values with zeros for the batch's missing completions: (width, ...)."""
+    return torch.cat([values, values.new_zeros(width - values.shape[0], *values.shape[1:])])
+
+
 def select_pairs(batch: dict, rows: torch.Tensor) -> dict:
-    """The sub-batch of pairs ``rows`` (B',) from a [chosen; rejected] batch."""
+    """The sub-batch of pairs (or rankings) ``rows`` (B',) from a [chosen; rejected] (or per-completion) batch."""
     num_pairs = batch["index"].shape[0]
-    both = torch.cat([rows, rows + num_pairs])
+    both = stacked_rows(batch, rows)
     out = {}
     for key, value in batch.items():
         if key in ("input_ids", "attention_mask", "completion_mask"):
@@ -56,6 +74,7 @@ class ExpertBank:
         self._ref_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._feature_cache: dict[int, torch.Tensor] = {}
         self._completion_cache: dict[int, torch.Tensor] = {}
+        self._ranking_cache: dict[int, torch.Tensor] = {}  # rankings: each completion's reference log-prob
 
     # -- subclasses ---------------------------------------------------------------------------------------------
     def expert_logps(self, k: int, batch: dict) -> torch.Tensor:
@@ -87,6 +106,8 @@ class ExpertBank:
         The cache holds small CPU copies keyed by ``batch["index"]`` (no views that would pin whole batches on the
         device); examples with a negative index (routing probes) are never cached.
         """
+        if "ranking" in batch:
+            return self._ranking_reference(batch)
         index = batch["index"].tolist()
         cacheable = all(i >= 0 for i in index)
         if not cacheable or any(i not in self._ref_cache for i in index):
@@ -115,6 +136,45 @@ class ExpertBank:
         completions = stack(self._completion_cache[i] for i in index) if known else None
         return _reference_dict(chosen, rejected, features, completions)
 
+    @torch.no_grad()
+    def _ranking_reference(self, batch: dict) -> dict:
+        """A ranking batch's ``ref_completion_logps`` (B, M) or (B, M, K) and the prompt ``features`` (B, D), cached
+        per example like pairs' (no guide features: an amortized guide reads pairs)."""
+        index, width = batch["index"].tolist(), batch["ranking"].shape[1]
+        cacheable = all(i >= 0 for i in index)
+        if not cacheable or any(i not in self._ranking_cache for i in index):
+            self.eval_mode()
+            with self.autocast():
+                logps, pooled = self.reference_pass(batch)
+            logps = by_completion(logps.float(), len(index))
+            features = pooled.float()[: len(index), : pooled.shape[-1] // 2]  # block 0's prompt
+            if not cacheable:
+                return {"ref_completion_logps": logps, "features": features}
+            for j, (i, n) in enumerate(zip(index, batch["ranking_mask"].sum(-1).tolist())):
+                self._ranking_cache[i] = logps[j, :n].cpu().clone()
+                self._feature_cache[i] = features[j].cpu().clone()
+        logps = torch.stack([_padded_to(self._ranking_cache[i], width) for i in index]).to(self.device)
+        features = torch.stack([self._feature_cache[i] for i in index]).to(self.device)
+        return {"ref_completion_logps": logps, "features": features}
+
+    def ranking_margins(self, batch: dict) -> dict:
+        """Every expert's log-prob of every completion of a ranking batch: {"completion_logps" (B, M, K),
+        "completion_lengths" (B, M), "ranking", "ranking_mask", "ranked", plus :meth:`reference`'s keys}; a
+        missing completion's entries are 0. Without a graph unless ``reuse_graph`` and grad is on."""
+        batch = self.to_device(batch)
+        out = self.reference(batch)
+        graph = self.reuse_graph and torch.is_grad_enabled()
+        self.train_mode() if graph else self.eval_mode()
+        with torch.set_grad_enabled(graph), self.autocast():
+            logps = torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)
+        num = batch["index"].shape[0]
+        return {
+            "completion_logps": by_completion(logps, num),
+            "completion_lengths": by_completion(batch["completion_mask"].sum(-1).float(), num),
+            **{key: batch[key] for key in ("ranking", "ranking_mask", "ranked")},
+            **out,
+        }
+
     def margins(self, batch: dict, route: torch.Tensor | None = None) -> dict:
         """Every expert's log-probs on the batch: {"chosen_logps", "rejected_logps": (B, K), "chosen_lengths",
         "rejected_lengths": (B,) completion tokens, plus :meth:`reference`'s keys}.
@@ -125,6 +185,10 @@ class ExpertBank:
         ``route`` (B,) long: sparse routing. Each pair runs only its routed expert, with a graph (train mode); the
         other experts' entries are zero and constant. Expert k's forward sees only its own pairs.
         """
+        if "ranking" in batch:
+            if route is not None:
+                raise ValueError("routing by a guide takes pairs; a ranking batch has no routed path")
+            return self.ranking_margins(batch)
         batch = self.to_device(batch)
         out = self.reference(batch)
         if route is not None:
@@ -166,15 +230,19 @@ class ExpertBank:
     def precompute_reference(self, examples: list[dict], pad_token_id: int, batch_size: int = 32, progress=None):
         """Reference log-probs and features of every example, once per dataset (what TRL calls
         ``precompute_ref_log_probs``); then no step runs the reference."""
-        missing = [e for e in examples if e["index"] not in self._ref_cache]
+        cache = self._ranking_cache if examples and "completion_ids" in examples[0] else self._ref_cache
+        missing = [e for e in examples if e["index"] not in cache]
         for start in range(0, len(missing), batch_size):
-            self.reference(self.to_device(collate(missing[start : start + batch_size], pad_token_id)))
+            self.reference(self.to_device(collate_examples(missing[start : start + batch_size], pad_token_id)))
             if progress is not None:
                 progress(len(missing[start : start + batch_size]))
 
     def reference_state(self) -> dict[str, torch.Tensor]:
         """The reference cache as tensors (for safetensors): index (N,), chosen/rejected (N,) or (N, K), features
-        (N, D), completion_features (N, 2D)."""
+        (N, D), completion_features (N, 2D); for rankings ranking_index (N,), completion_counts (N,),
+        ref_completion_logps (N, M) or (N, M, K) (zeros past each count) and ranking_features (N, D)."""
+        if self._ranking_cache:
+            return self._ranking_state()
         index = sorted(self._ref_cache)
         if not index:
             return {}
@@ -188,27 +256,47 @@ class ExpertBank:
             state["completion_features"] = torch.stack([self._completion_cache[i] for i in index])
         return state
 
+    def _ranking_state(self) -> dict[str, torch.Tensor]:
+        index = sorted(self._ranking_cache)
+        counts = [self._ranking_cache[i].shape[0] for i in index]
+        return {
+            "ranking_index": torch.tensor(index),
+            "completion_counts": torch.tensor(counts),
+            "ref_completion_logps": torch.stack([_padded_to(self._ranking_cache[i], max(counts)) for i in index]),
+            "ranking_features": torch.stack([self._feature_cache[i] for i in index]),
+        }
+
     def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "ranking_index" in state:
+            for j, (i, n) in enumerate(zip(state["ranking_index"].tolist(), state["completion_counts"].tolist())):
+                self._ranking_cache[i] = state["ref_completion_logps"][j, :n].clone()
+                self._feature_cache[i] = state["ranking_features"][j].clone()
+            return
         for j, i in enumerate(state["index"].tolist()):
             self._ref_cache[i] = (state["ref_chosen_logps"][j].clone(), state["ref_rejected_logps"][j].clone())
             self._feature_cache[i] = state["features"][j].clone()
             if "completion_features" in state:  # runs saved before the amortized guide lack them
                 self._completion_cache[i] = state["completion_features"][j].clone()
 
-    def backward(self, batch: dict, grad_chosen: torch.Tensor, grad_rejected: torch.Tensor) -> None:
-        """Backpropagate d loss / d log-probs (B, K) into the experts, one expert's forward+backward at a time
-        (train mode: configured dropout is active), only on the pairs whose gradient is non-zero."""
+    def backward(self, batch: dict, *grads: torch.Tensor) -> None:
+        """Backpropagate d loss / d log-probs into the experts, one expert's forward+backward at a time (train
+        mode: configured dropout is active), only on the pairs (rankings) whose gradient is non-zero. ``grads``:
+        d chosen, d rejected (B, K) each, or for a ranking batch d completion_logps (B, M, K)."""
         batch = self.to_device(batch)
-        grad = torch.cat([grad_chosen, grad_rejected]).to(self.device)  # (2B, K), rows as in the batch
-        num_pairs = grad_chosen.shape[0]
+        if len(grads) == 1:  # rankings: (B, M, K) -> (M * B, K), rows as in the batch
+            grad = grads[0].transpose(0, 1).reshape(-1, grads[0].shape[-1]).to(self.device)
+        else:
+            grad = torch.cat(grads).to(self.device)  # (2B, K)
+        num = batch["index"].shape[0]
+        per_unit = grad.reshape(-1, num, grad.shape[-1])  # (blocks, B, K)
         self.train_mode()
         for k in range(self.num_experts):
-            rows = torch.nonzero((grad_chosen[:, k] != 0) | (grad_rejected[:, k] != 0)).squeeze(-1).to(self.device)
+            rows = torch.nonzero((per_unit[..., k] != 0).any(0)).squeeze(-1)
             if rows.numel() == 0:
                 continue  # sparse routing: expert k got no pair
             with self.autocast():
-                logps = self.rows_logps(k, batch, rows).float()  # (2B',)
-            logps.backward(grad[torch.cat([rows, rows + num_pairs]), k].to(logps.dtype))
+                logps = self.rows_logps(k, batch, rows).float()  # (blocks * B',)
+            logps.backward(grad[stacked_rows(batch, rows), k].to(logps.dtype))
 
     def train_mode(self) -> None:
         """Dropout on for the update's forward (only what the config left in: ``disable_dropout``)."""

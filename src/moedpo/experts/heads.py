@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from moedpo.experts.bank import ExpertBank, LoRABank, select_pairs
+from moedpo.experts.bank import ExpertBank, LoRABank, select_pairs, stacked_rows
 from moedpo.experts.logprobs import pooled_features, sequence_logps
 
 
@@ -112,8 +112,7 @@ class HeadsBank(LoRABank):
         """Expert k on some pairs of a batch: the batch's trunk (computed once) sliced, then k's top layers."""
         if rows.numel() == batch["index"].shape[0]:
             return self.expert_logps(k, batch)
-        both = torch.cat([rows, rows + batch["index"].shape[0]])
-        hidden = self.trunk(batch)[both]
+        hidden = self.trunk(batch)[stacked_rows(batch, rows)]
         self.activate(k)
         return self._top_logps(select_pairs(batch, rows), hidden)
 

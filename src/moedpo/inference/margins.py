@@ -6,8 +6,9 @@ TRL loss reads.
 
 Rankings (a Plackett–Luce latent model, :mod:`moedpo.models.pl`): the experts return ``completion_logps``
 (B, M, K) with ``ref_completion_logps`` (B, M) or (B, M, K), or ``h`` (B, M, K) directly, together with
-``ranking`` (B, M) long (completion indices, best first) and optionally ``ranking_mask`` (B, M) bool; h is then
-each completion's log-ratio and the ranking is the observation.
+``ranking`` (B, M) long (completion indices, best first) and optionally ``ranking_mask`` (B, M) bool and
+``ranked`` (B,) long (observed first choices); h is then each completion's log-ratio and the ranking is the
+observation.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def observations(out: dict, h: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """What the latent model observes and its extra keyword arguments: each ranking (B, M) and its mask, or for
     pairs "chosen won" (B,) ones."""
     if "ranking" in out:
-        return out["ranking"], ({"mask": out["ranking_mask"]} if out.get("ranking_mask") is not None else {})
+        extra = {"mask": out.get("ranking_mask"), "ranked": out.get("ranked")}
+        return out["ranking"], {key: value for key, value in extra.items() if value is not None}
     return torch.ones(h.shape[0], dtype=h.dtype, device=h.device), {}
 
 

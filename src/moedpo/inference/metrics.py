@@ -52,7 +52,7 @@ def _row_margins(out: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     every pair it implies: the mean margin over them and the share ordered right (Kendall's concordance)."""
     if h.dim() == 2:
         return h, (h > 0).float()
-    margins, valid = pairwise_margins(h, out["ranking"], out.get("ranking_mask"))  # (B, P, K), (B, P)
+    margins, valid = pairwise_margins(h, out["ranking"], out.get("ranking_mask"), out.get("ranked"))  # (B, P, K)
     weights = (valid.float() / valid.sum(-1, keepdim=True).clamp_min(1)).unsqueeze(-1)  # (B, P, 1)
     return (weights * margins).sum(1), (weights * (margins > 0).float()).sum(1)
 

@@ -30,18 +30,38 @@ CONFIDENCE = 0.9  # prior mass of a unit's own cluster at the first step
 
 
 def token_contrasts(examples: list[dict], num_tokens: int = NUM_TOKENS) -> torch.Tensor:
-    """(N, F) float64: per example, counts of each of the F tokens in the chosen completion minus the rejected."""
-    counts = [(Counter(e["chosen_ids"]), Counter(e["rejected_ids"])) for e in examples]
+    """(N, F) float64: per example, counts of each of the F tokens in the chosen completion minus the rejected;
+    for a ranking, its completions' counts weighted by their wins minus losses (:func:`ranking_contrasts`)."""
+    contrasts = [_token_contrast(e) for e in examples]
     differ = Counter()
-    for chosen, rejected in counts:
-        differ.update({t for t in chosen.keys() | rejected.keys() if chosen[t] != rejected[t]})
+    for contrast in contrasts:
+        differ.update(contrast.keys())
     tokens = {t: j for j, (t, _) in enumerate(sorted(differ.items(), key=lambda kv: (-kv[1], kv[0]))[:num_tokens])}
     out = torch.zeros(len(examples), max(len(tokens), 1), dtype=torch.float64)
-    for i, (chosen, rejected) in enumerate(counts):
-        for t in chosen.keys() | rejected.keys():  # the example's own tokens, not all F of them
+    for i, contrast in enumerate(contrasts):
+        for t, value in contrast.items():  # the example's own tokens, not all F of them
             if t in tokens:
-                out[i, tokens[t]] = chosen[t] - rejected[t]
+                out[i, tokens[t]] = value
     return out
+
+
+def _token_contrast(example: dict) -> dict[int, float]:
+    """token -> weighted count difference of one example, the tokens whose counts differ only."""
+    if "completion_ids" in example:
+        n = len(example["completion_ids"])
+        places = ranking_contrasts(
+            torch.eye(n, dtype=torch.float64).unsqueeze(0),
+            torch.tensor([example["ranking"]]),
+            ranked=torch.tensor([example["ranked"]]),
+        )[0].tolist()  # each completion's wins minus losses
+        sides = [(Counter(ids), w) for ids, w in zip(example["completion_ids"], places)]
+    else:
+        sides = [(Counter(example["chosen_ids"]), 1.0), (Counter(example["rejected_ids"]), -1.0)]
+    total = Counter()
+    for counts, weight in sides:
+        for t, c in counts.items():
+            total[t] += weight * c
+    return {t: v for t, v in total.items() if v != 0}
 
 
 def unit_embedding(contrasts: torch.Tensor, owner: torch.Tensor, num_units: int, dims: int) -> torch.Tensor:
@@ -136,13 +156,18 @@ def clustered_start(
     return Start(dict(zip(keys, labels.tolist())), num_experts, steps)
 
 
-def ranking_contrasts(features: torch.Tensor, ranking: torch.Tensor, mask: torch.Tensor | None = None):
+def ranking_contrasts(
+    features: torch.Tensor, ranking: torch.Tensor, mask: torch.Tensor | None = None, ranked: torch.Tensor | None = None
+) -> torch.Tensor:
     """A ranking's contrast (N, F) from its completions' features (N, M, F): the sum over the pairs it implies of
-    better minus worse, which is each completion's features weighted by (n - 1 - 2 * its place), n = the real
-    completions (Borda's count, centred). For two completions: chosen minus rejected, as for pairs."""
-    n = ranking.shape[-1] if mask is None else mask.sum(-1, keepdim=True)  # (N, 1) or M
+    better minus worse, which is each completion's features weighted by its wins minus its losses: n - 1 - 2j at
+    place j of n real completions (Borda's count, centred), and -k for each completion of an unranked remainder
+    below the first k = ``ranked`` places (it loses to those k, nothing else is known). For two completions:
+    chosen minus rejected, as for pairs."""
+    n = torch.tensor(ranking.shape[-1]) if mask is None else mask.sum(-1, keepdim=True)  # (N, 1) or M
+    k = n - 1 if ranked is None else ranked.unsqueeze(-1)
     places = torch.arange(ranking.shape[-1], device=ranking.device).expand_as(ranking)
-    weight = (n - 1 - 2 * places).to(features.dtype)
+    weight = torch.where(places < k, n - 1 - 2 * places, -k).to(features.dtype)
     if mask is not None:
         weight = weight * mask
     zeros = torch.zeros(ranking.shape, dtype=features.dtype, device=features.device)

@@ -4,7 +4,8 @@ The ranking counterparts of :mod:`moedpo.models.bt`, with the same signature
 ``model(h, gate_logits, beta, obs=None, *, mask=None, **batch)``, so the E-step, the EM losses and
 :mod:`moedpo.testing` take them as they are. Here ``h`` (B, M, K) holds each completion's implicit log-ratio
 log pi_k(y_m | x) - log pi_ref(y_m | x) per expert, and ``obs`` (B, M) long each ranking, completion indices
-best first; ``mask`` (B, M) marks real positions (a prefix of at least two) when rankings differ in length.
+best first; ``mask`` (B, M) marks real positions (a prefix of at least two) when rankings differ in length;
+``ranked`` (B,) long, where given, how many first choices each ranking observes (tied scores below them).
 The closed forms are in :mod:`moedpo.losses.rankings`.
 """
 
@@ -42,14 +43,23 @@ class PlackettLuce(TorchDistribution):
     """Rankings of M items with log-scores ``logits`` (..., M): P(sigma) = prod_j softmax over the remaining
     items of the score of sigma_j. A value is (..., M) long, item indices best first. ``mask`` (..., M) bool
     keeps the first n items of each row (n >= 2) and marks padding at the end of both logits and rankings.
-    Sampling is the Gumbel top-k trick: sort logits + Gumbel noise."""
+    ``ranked`` (...) long: only the first ``ranked`` choices of a value are scored (a top-k observation; the
+    rest of its order is summed out). Sampling is the Gumbel top-k trick: sort logits + Gumbel noise (a whole
+    ranking, whose first ``ranked`` places are a draw of the top-k)."""
 
     arg_constraints = {"logits": constraints.real_vector}
     has_enumerate_support = False
 
-    def __init__(self, logits: torch.Tensor, mask: torch.Tensor | None = None, validate_args=None):
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        ranked: torch.Tensor | None = None,
+        validate_args=None,
+    ):
         self.logits = logits
         self.item_mask = None if mask is None else mask.expand_as(logits)  # not .mask: Pyro's method
+        self.ranked = None if ranked is None else ranked.expand(logits.shape[:-1])
         super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
 
     @constraints.dependent_property(is_discrete=True, event_dim=1)
@@ -59,7 +69,8 @@ class PlackettLuce(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape) + self.event_shape
         mask = None if self.item_mask is None else self.item_mask.expand(shape)
-        return PlackettLuce(self.logits.expand(shape), mask, validate_args=False)
+        ranked = None if self.ranked is None else self.ranked.expand(shape[:-1])
+        return PlackettLuce(self.logits.expand(shape), mask, ranked, validate_args=False)
 
     def sample(self, sample_shape=()):
         shape = self._extended_shape(torch.Size(sample_shape))
@@ -73,13 +84,13 @@ class PlackettLuce(TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        return plackett_luce_log_prob(self.logits, value, self.item_mask)
+        return plackett_luce_log_prob(self.logits, value, self.item_mask, self.ranked)
 
 
-def ranking_rows(h, beta, obs, *, mask=None, **_) -> torch.Tensor:
+def ranking_rows(h, beta, obs, *, mask=None, ranked=None, **_) -> torch.Tensor:
     """log P(ranking_i | z = k), (B, K): what each expert makes of each row. The E-step reads a model's
     ``row_log_likelihood`` to turn its derivatives into per-row responsibilities (BT models: the sigmoid link)."""
-    return ranking_log_likelihood(h, obs, beta, mask)
+    return ranking_log_likelihood(h, obs, beta, mask, ranked=ranked)
 
 
 def _no_smoothing(label_smoothing: float) -> None:
@@ -88,11 +99,13 @@ def _no_smoothing(label_smoothing: float) -> None:
 
 
 def mixture_pl_model(
-    h, gate_logits, beta, obs=None, *, mask=None, label_smoothing=0.0, subsample_size=None, subsample=None, **_
-):
+    h, gate_logits, beta, obs=None, *, mask=None, ranked=None, label_smoothing=0.0, subsample_size=None,
+    subsample=None, **_,
+):  # fmt: skip
     """Ranking scope: each ranking i has its own type z_i ~ Categorical(softmax(gate_logits_i)).
 
-    h (B, M, K), gate_logits (B, K), obs (B, M) or None (then rankings are sampled), mask (B, M) or None.
+    h (B, M, K), gate_logits (B, K), obs (B, M) or None (then rankings are sampled), mask (B, M) or None,
+    ranked (B,) or None.
     """
     _no_smoothing(label_smoothing)
     by_expert = h.transpose(-1, -2)  # (B, K, M)
@@ -100,7 +113,8 @@ def mixture_pl_model(
         z = pyro.sample("z", dist.Categorical(logits=gate_logits[idx]), infer=ENUM)  # (B,) or (K, 1)
         scores = beta * Vindex(by_expert[idx])[..., z, :]  # (B, M) or (K, B, M)
         rows = None if mask is None else mask[idx]
-        pyro.sample("y", PlackettLuce(scores, rows), obs=None if obs is None else obs[idx])
+        top = None if ranked is None else ranked[idx]
+        pyro.sample("y", PlackettLuce(scores, rows, top), obs=None if obs is None else obs[idx])
 
 
 mixture_pl_model.max_plate_nesting = 1
@@ -108,8 +122,8 @@ mixture_pl_model.row_log_likelihood = ranking_rows
 
 
 def user_pl_model(
-    h, gate_logits, beta, obs=None, *, user_index, mask=None, label_smoothing=0.0, subsample_size=None,
-    subsample=None, **_,
+    h, gate_logits, beta, obs=None, *, user_index, mask=None, ranked=None, label_smoothing=0.0,
+    subsample_size=None, subsample=None, **_,
 ):  # fmt: skip
     """User scope: user u has one type z_u shared by all its rankings, P(D_u) = sum_k w_uk prod_i P(sigma_i | k).
 
@@ -128,7 +142,7 @@ def user_pl_model(
             scores = beta * Vindex(by_expert[rows])[..., z, :]  # (U, N, M) or (K, U, N, M)
             pyro.sample(
                 "y",
-                PlackettLuce(scores, real[rows]).mask(present[users]),
+                PlackettLuce(scores, real[rows], None if ranked is None else ranked[rows]).mask(present[users]),
                 obs=None if obs is None else obs[rows],
             )
 

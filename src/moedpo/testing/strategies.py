@@ -92,17 +92,20 @@ def ranking_batches(
     user_scope: bool = False,
 ) -> dict:
     """A batch for a latent Plackett–Luce model: {"h" (B, M, K), "gate_logits", "beta", "obs" (B, M) rankings,
-    "mask" (B, M)} plus "user_index" in user scope. Rankings have 2..M real completions; padding sits last."""
+    "mask" (B, M), "ranked" (B,)} plus "user_index" in user scope. Rankings have 2..M real completions; padding
+    sits last; ``ranked`` (the observed first choices, as from tied scores) is 1..n-1, often all n - 1."""
     batch = draw(st.integers(1, max_batch))
     width = draw(st.integers(2, max_completions))
     experts = draw(st.integers(min_experts, max_experts))
     lengths = draw(st.lists(st.integers(2, width), min_size=batch, max_size=batch))
     rows = [draw(st.permutations(range(n))) + list(range(n, width)) for n in lengths]
+    ranked = [draw(st.one_of(st.just(n - 1), st.integers(1, n - 1))) for n in lengths]
     out = {
         "h": draw(tensors((batch, width, experts), max_abs)),
         "beta": draw(betas()),
         "obs": torch.tensor(rows, dtype=torch.long),
         "mask": torch.arange(width) < torch.tensor(lengths).unsqueeze(-1),
+        "ranked": torch.tensor(ranked, dtype=torch.long),
     }
     if user_scope:
         user_index, num_users = draw(user_groupings(batch))
