@@ -8,7 +8,7 @@ import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 # hierarchical_model.py: tests/test_custom_model.py
-EXERCISED = {"planted_experts.py", "ranking_world.py", "users_world.py", "hierarchical_model.py"}
+EXERCISED = {"planted_experts.py", "ranking_world.py", "minmax_serving.py", "users_world.py", "hierarchical_model.py"}
 
 
 def test_every_example_is_exercised():
@@ -22,31 +22,44 @@ def run_example(name, *args):
     return exit_info.value.code
 
 
-def test_planted_experts_shrink(capsys):
-    assert run_example("planted_experts.py", "--shrink") == 0
+def passes(capsys, name, *args) -> str:
+    """Run an example; it must exit 0 with no [FAIL] line. Returns what it printed."""
+    assert run_example(name, *args) == 0
     out = capsys.readouterr().out
-    assert "annotator-type ARI" in out and "[FAIL]" not in out
+    assert "[FAIL]" not in out
+    return out
+
+
+def test_planted_experts_shrink(capsys):
+    assert "annotator-type ARI" in passes(capsys, "planted_experts.py", "--shrink")
 
 
 @pytest.mark.slow
 def test_planted_experts_full(capsys):
-    assert run_example("planted_experts.py") == 0
-    assert "[FAIL]" not in capsys.readouterr().out
+    passes(capsys, "planted_experts.py")
 
 
 def test_ranking_world_shrink(capsys):
     """Issue 20's ranking world, one seed: the Plackett–Luce mixture finds the types from one ranking each."""
-    assert run_example("ranking_world.py", "--shrink") == 0
-    out = capsys.readouterr().out
-    assert "Plackett-Luce mixture     1.00" in out and "[FAIL]" not in out
+    assert "Plackett-Luce mixture     1.00" in passes(capsys, "ranking_world.py", "--shrink")
 
 
 @pytest.mark.slow
 def test_ranking_world_full(capsys):
     """Seeds 0-2: ARI >= 0.9 wherever the oracle reaches 0.95, binarized pairs below 0.5 on average, top-1 at least
     0.1 above one DPO policy."""
-    assert run_example("ranking_world.py") == 0
-    assert "[FAIL]" not in capsys.readouterr().out
+    passes(capsys, "ranking_world.py")
+
+
+def test_minmax_serving_shrink(capsys):
+    """Issue 20's majority/minority world, three seeds: min-max regret serving lifts the minority."""
+    assert "min-max regret" in passes(capsys, "minmax_serving.py", "--shrink")
+
+
+@pytest.mark.slow
+def test_minmax_serving_full(capsys):
+    """Six seeds: the minority's gain over the gate's average above 2 SE, the majority's drop below it."""
+    passes(capsys, "minmax_serving.py")
 
 
 def run_users_world(tmp_path, *args):

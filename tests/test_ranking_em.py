@@ -2,6 +2,7 @@
 world's helpers (issue 20 item 2: Plackett–Luce trained by the same ``VariationalEM``)."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from moedpo.data import make_tabular_world
 from moedpo.data.synthetic import TabularPairs
 from moedpo.data.tabular_rankings import TabularRankings, cut_into_pairs, make_tabular_ranking_world
 from moedpo.eval import ranking_agreement
+from moedpo.eval.evaluate import _ranking_metrics
 from moedpo.experts import TabularExperts
 from moedpo.inference import VariationalEM, e_step
 from moedpo.inference.start import ranking_contrasts
@@ -207,3 +209,34 @@ def test_ranking_world_types_disagree_and_pairs_cut_as_stated():
     assert (binarized.chosen != binarized.rejected).all() and (binarized.user == rows.user).all()
     places = (rows.completions.gather(-1, rows.ranking) == binarized.rejected.unsqueeze(-1)).float().argmax(-1)
     assert set(places.tolist()) == {1, 2, 3}  # the other is drawn from every place below the best
+
+
+def test_held_out_ranking_metrics_by_hand():
+    """Two rankings of three, K = 2, beta 1: eval/mixture_nll is -mean log sum_k w_k P(ranking | k) (the float64
+    definition loop); accuracy, top-1 and tau read the mixture's pairwise probabilities and reward."""
+    h = torch.tensor([[[2.0, -1.0], [0.0, 0.0], [-1.0, 1.0]], [[0.5, 0.0], [1.5, 0.0], [0.0, 3.0]]])  # (2, 3, 2)
+    ranking, mask = torch.tensor([[0, 1, 2], [2, 1, 0]]), torch.ones(2, 3, dtype=torch.bool)
+    ranked = torch.tensor([2, 1])  # the second: only "2 is best" observed
+    weights = torch.tensor([[0.7, 0.3], [0.5, 0.5]], dtype=torch.float64)
+    test = {"h": h, "ranking": ranking, "ranking_mask": mask, "ranked": ranked}
+    metrics, correct, log_prob, right = _ranking_metrics(test, weights, 1.0)
+
+    def by_hand(scores, order, k):  # log P of the first k choices
+        left, total = list(order), 0.0
+        for item in order[:k]:
+            total += scores[item] - math.log(sum(math.exp(scores[i]) for i in left))
+            left.remove(item)
+        return total
+
+    expected = [
+        math.log(sum(float(weights[i, k]) * math.exp(by_hand(h[i, :, k].tolist(), ranking[i].tolist(), int(ranked[i])))
+                     for k in range(2)))
+        for i in range(2)
+    ]  # fmt: skip
+    assert log_prob.tolist() == pytest.approx(expected, abs=1e-6)
+    assert metrics["eval/mixture_nll"] == pytest.approx(-sum(expected) / 2, abs=1e-6)
+    assert metrics["eval/chance_nll"] == pytest.approx((math.log(6) + math.log(3)) / 2)
+    # expert 0 orders ranking 1's pairs 0>1, 0>2, 1>2 all right; ranking 2's known pairs 2>1, 2>0: neither
+    torch.testing.assert_close(correct[:, 0], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(correct[:, 1], torch.tensor([0.0, 1.0]))  # expert 1 [-1, 0, 1]: none; [0, 0, 3]: both
+    assert 0 <= float(right.min()) and float(right.max()) <= 1

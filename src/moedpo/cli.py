@@ -57,6 +57,13 @@ def main(argv=None) -> int:
     p_gen.add_argument("--user", help="annotator id, for user-conditioned gates")
     p_gen.add_argument("--expert", default="auto", help="expert index, or auto (the gate's top expert)")
     p_gen.add_argument("--max-new-tokens", type=int, default=32)
+    p_gen.add_argument(
+        "--policy",
+        default="gate",
+        choices=("gate", "minmax"),
+        help="gate: its top expert; minmax: an expert drawn from the report's min-max-regret weights",
+    )
+    p_gen.add_argument("--seed", type=int, default=0, help="--policy minmax: the seed of the expert's draw")
     p_export = sub.add_parser("export", help="each expert as a standalone Hugging Face model folder (no PEFT)")
     p_export.add_argument("run_dir")
     p_export.add_argument("--merged", action="store_true", help="merge each expert into its base (required for now)")
@@ -95,7 +102,8 @@ def main(argv=None) -> int:
                     file=sys.stderr,
                 )
             else:
-                expert, text = generate(args.run_dir, args.prompt, args.user, args.expert, args.max_new_tokens)
+                expert, text = generate(args.run_dir, args.prompt, args.user, args.expert, args.max_new_tokens,
+                                        args.policy, args.seed)  # fmt: skip
                 print(f"[expert {expert}] {text}")
     except (ConfigError, PreferenceDataError, FileExistsError, FileNotFoundError) as err:  # one line, no traceback
         print(f"moedpo {args.command}: error: {err}", file=sys.stderr)

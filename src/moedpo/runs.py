@@ -33,6 +33,7 @@ REFERENCE_FILE = "reference_logps.safetensors"
 GUIDE_FILE = "guide.safetensors"
 GATE_FILE = "gate.safetensors"
 RESTARTS_FILE = "restarts.json"  # em.restarts: each restart's score, the kept one, the agreement of the best two
+MINMAX_FILE = "report/minmax.json"  # the report's min-max-regret serving weights (moedpo generate --policy minmax)
 K_SELECTION_FILE = "k_selection.json"  # experts.num_experts=auto: each K's held-out NLL, the K chosen and why
 PERSONALIZED = "personalized"
 

@@ -4,6 +4,7 @@ run directory, or the run still in memory at the end of training)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from moedpo.data.sources import tokenize_data
 from moedpo.data.tokenize import collate, prompt_input_ids
 from moedpo.eval.evaluate import evaluate, user_posteriors
 from moedpo.experts.generation import greedy_completion, policy
-from moedpo.runs import load_personalization
+from moedpo.runs import MINMAX_FILE, load_personalization
 
 
 class RunSession:
@@ -97,12 +98,35 @@ def evaluate_run(run_dir, data: str | None = None) -> dict:
     return RunSession(run_dir).evaluate(data)
 
 
-def generate(run_dir, prompt: str, user: str | None, expert: str, max_new_tokens: int) -> tuple[int, str]:
+def generate(
+    run_dir, prompt: str, user: str | None, expert: str, max_new_tokens: int, serving: str = "gate", seed: int = 0
+) -> tuple[int, str]:
+    """Generate with one expert: ``--expert k``, the gate's top expert (``serving`` gate: for ``--user``, or the
+    prompt), or one drawn from the report's min-max-regret serving weights (``serving`` minmax, seeded by ``seed``:
+    the policy for an annotator whose type is unknown, :mod:`moedpo.eval.regret`)."""
     if not prompt.strip():
         raise ConfigError("--prompt is empty: give the text to continue, e.g. --prompt 'describe the garden :'")
+    if serving not in ("gate", "minmax"):
+        raise ConfigError(f"--policy {serving}: expected gate or minmax")
+    if serving == "minmax" and (user is not None or expert != "auto"):
+        raise ConfigError("--policy minmax serves an annotator of unknown type: leave out --user and --expert")
     session = RunSession(run_dir)
     num_experts = session.config.experts.num_experts
     if expert != "auto" and not (expert.isdigit() and int(expert) < num_experts):
         raise ConfigError(f"--expert {expert}: expected auto or an expert index 0..{num_experts - 1}")
-    k = int(session.route(prompt, user).argmax()) if expert == "auto" else int(expert)
+    if serving == "minmax":
+        k = int(torch.multinomial(minmax_weights(run_dir), 1, generator=torch.Generator().manual_seed(seed)))
+    else:
+        k = int(session.route(prompt, user).argmax()) if expert == "auto" else int(expert)
     return k, session.generate(prompt, k, max_new_tokens)
+
+
+def minmax_weights(run_dir) -> torch.Tensor:
+    """The min-max-regret serving weights (K,) that the run's report saved."""
+    path = Path(run_dir) / MINMAX_FILE
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: no min-max serving weights. `moedpo report {run_dir}` writes them where the held-out data has "
+            "a group column (the annotator types whose regrets they balance)"
+        )
+    return torch.tensor(json.loads(path.read_text())["weights"], dtype=torch.float64)

@@ -9,7 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from moedpo.cli import main
+from moedpo.config import Config
 from moedpo.data.builtin_rankings import make_builtin_ranking_rows, ranking_reward
+from moedpo.data.sources import normalised
+from moedpo.reference.finetune import sequences
 
 SMALL = ["data.source=builtin:rankings", "data.annotators_per_type=4", "data.rankings_per_annotator=3",
          "experts.num_experts=3", "model.hidden_size=32", "train.num_threads=1"]  # fmt: skip
@@ -90,3 +93,15 @@ def test_what_rankings_do_not_take_is_refused_by_name(tmp_path, capsys, override
     code, err = run(capsys, "train", *SMALL, override, *extra, f"train.output_dir={tmp_path / 'x'}")
     assert code == 2 and words in err and "holds rankings" in err
     assert not (tmp_path / "x" / "checkpoint").exists()
+
+
+def test_a_reference_fine_tunes_on_each_rankings_best_completion(tokenizer):
+    """moedpo sft (and scratch) on rankings: prompt + the first-ranked completion, the loss on the completion."""
+    config = Config()
+    config.data.source = "rankings"
+    record = {"prompt": "describe the garden :", "completions": [" calm day", " wild day", " grey sky"],
+              "ranking": [2, 0, 1]}  # fmt: skip
+    ((ids, mask),) = sequences(config, tokenizer, normalised([record], "rankings"))
+    prompt = tokenizer("describe the garden :")["input_ids"]
+    assert tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True).split() == ["grey", "sky"]
+    assert mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))  # sft.completion_only_loss, the default

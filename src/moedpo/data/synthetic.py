@@ -62,7 +62,7 @@ def make_tabular_world(
     num_types: int = 3,
     num_prompts: int = 4,
     num_responses: int = 5,
-    annotators_per_type: int = 20,
+    annotators_per_type: int | list[int] = 20,
     pairs_per_annotator: int = 40,
     heldout_per_annotator: int = 20,
     reward_scale: float = 1.5,
@@ -74,7 +74,7 @@ def make_tabular_world(
     generator = torch.Generator().manual_seed(seed)
     rewards = reward_scale * torch.randn(num_types, num_prompts, num_responses, generator=generator)
     ref_logits = 0.5 * torch.randn(num_prompts, num_responses, generator=generator)
-    user_types = torch.arange(num_types).repeat_interleave(annotators_per_type)
+    user_types = torch.arange(num_types).repeat_interleave(torch.as_tensor(annotators_per_type))  # int or per type
 
     def draw(per_annotator: int) -> TabularPairs:
         types = user_types.repeat_interleave(per_annotator)

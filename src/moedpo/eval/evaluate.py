@@ -126,10 +126,10 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
     logits, extra = run.gate.logits(gate_batch(held_out), test["features"].to(run.bank.device))
     weights, groups, posteriors, details = _predicting_weights(run, train, held_out, test, logits, extra)
     if "ranking" in test:
-        metrics, correct, log_prob = _ranking_metrics(test, weights, config.em.beta)
+        metrics, correct, log_prob, right = _ranking_metrics(test, weights, config.em.beta)
         details["expert_completion_logps"] = test["completion_logps"]
     else:
-        metrics, correct, log_prob = _pair_metrics(test, weights, config.em.beta, config.em.label_smoothing)
+        metrics, correct, log_prob, right = _pair_metrics(test, weights, config.em.beta, config.em.label_smoothing)
         details["expert_chosen_logps"], details["expert_rejected_logps"] = test["chosen_logps"], test["rejected_logps"]
     kinds = [e["group"] for e in held_out]
     for j in range(config.experts.num_experts):
@@ -137,8 +137,9 @@ def evaluate(run, train: list[dict], held_out: list[dict]) -> tuple[dict, dict]:
         for kind in sorted({g for g in kinds if g is not None}):  # per annotator type: each expert's own type
             rows = torch.tensor([g == kind for g in kinds])
             metrics[f"eval/expert_{j}/{kind}/rewards/accuracies"] = float(correct[rows, j].mean())
-    routed = weights.argmax(-1)  # sparse: the top expert's own prediction
-    metrics["eval/top1/rewards/accuracies"] = float(correct[torch.arange(correct.shape[0]), routed].mean())
+    routed = correct[torch.arange(correct.shape[0]), weights.argmax(-1)]  # sparse: the top expert's own prediction
+    metrics["eval/top1/rewards/accuracies"] = float(routed.mean())
+    metrics.update(per_type_accuracy(kinds, right, routed))
     if groups and all(g is not None for g in groups):  # only where the data says who is of which type
         metrics["eval/ari"] = adjusted_rand_index(_codes(groups), posteriors.argmax(-1))
         # the hard ARI reads 1.0 even for near-uniform posteriors: report how sure they are beside it
@@ -153,7 +154,7 @@ def _predicting_weights(run, train, held_out, test, logits, extra):
     annotator it never saw); pair scope, the gate's prior w(x, u)."""
     prior = torch.softmax(logits, -1).cpu()
     prior = prior[extra["user_index"].cpu()] if "user_index" in extra else prior  # (N, K): w(x, u) per pair
-    details = {}
+    details = {"prior": prior}  # the gate's own weights: what serves a prompt whose annotator is unknown
     if run.config.em.scope == "user":
         ids, q_users = user_posteriors(run, train)
         position = {int(u): i for i, u in enumerate(ids)}
@@ -169,25 +170,40 @@ def _predicting_weights(run, train, held_out, test, logits, extra):
     return weights, groups, posteriors, details
 
 
+def per_type_accuracy(kinds: list, mixture: torch.Tensor, routed: torch.Tensor) -> dict:
+    """Per annotator type (the ``group`` column) the mixture's and sparse routing's held-out accuracy, and the
+    worst type's: a policy that serves the majority and fails a minority reads well on average only."""
+    out = {}
+    for kind in sorted({g for g in kinds if g is not None}):
+        rows = torch.tensor([g == kind for g in kinds])
+        out[f"eval/{kind}/rewards/accuracies"] = float(mixture[rows].mean())
+        out[f"eval/top1/{kind}/rewards/accuracies"] = float(routed[rows].mean())
+    if out:
+        out["eval/worst_type/rewards/accuracies"] = min(v for k, v in out.items() if not k.startswith("eval/top1/"))
+        out["eval/top1/worst_type/rewards/accuracies"] = min(v for k, v in out.items() if k.startswith("eval/top1/"))
+    return out
+
+
 def _pair_metrics(test: dict, weights: torch.Tensor, beta: float, smoothing: float) -> tuple:
     """Held-out pairs: the mixture's accuracy and NLL, TRL's logps, each expert's margin; (metrics, whether each
-    expert orders each pair right (N, K), log p(y+ > y-) of each pair (N,))."""
+    expert orders each pair right (N, K), log p(y+ > y-) of each pair (N,), whether the mixture does (N,))."""
     h = test["h"]
     log_prob = predictive_log_prob(h, weights, beta, smoothing)
+    right = (log_prob > -torch.log(torch.tensor(2.0))).float()  # the mixture's prediction is the chosen one
     metrics = {
-        "eval/rewards/accuracies": float((log_prob > -torch.log(torch.tensor(2.0))).float().mean()),
+        "eval/rewards/accuracies": float(right.mean()),
         "eval/mixture_nll": float(-log_prob.mean()),
     }
     for side in ("chosen", "rejected"):  # TRL's logps/*: per pair, the mean over experts under the predicting weights
         metrics[f"eval/logps/{side}"] = float((weights * test[f"{side}_logps"]).sum(-1).mean())
     for j in range(h.shape[-1]):
         metrics[f"eval/expert_{j}/rewards/margins"] = float(beta * h[:, j].mean())
-    return metrics, (h > 0).float(), log_prob
+    return metrics, (h > 0).float(), log_prob, right
 
 
 def _ranking_metrics(test: dict, weights: torch.Tensor, beta: float) -> tuple:
     """Held-out rankings (see the module docstring); (metrics, the share of each ranking's implied pairs each expert
-    orders right (N, K), log p(ranking) of each (N,))."""
+    orders right (N, K), log p(ranking) of each (N,), the share of its pairs the mixture orders right (N,))."""
     h, ranking, mask, ranked = test["h"].double(), test["ranking"], test["ranking_mask"], test["ranked"]
     log_w = weights.double().clamp_min(1e-30).log()
     log_prob = torch.logsumexp(log_w + ranking_log_likelihood(h, ranking, beta, mask, ranked=ranked), -1)  # (N,)
@@ -196,8 +212,9 @@ def _ranking_metrics(test: dict, weights: torch.Tensor, beta: float) -> tuple:
     mixture = (weights.double().unsqueeze(1) * torch.sigmoid(beta * margins)).sum(-1)  # (N, P): P(better first)
     reward = torch.logsumexp(log_w.unsqueeze(1) + beta * h, -1)  # (N, M): the mixture reward of each completion
     agreement = ranking_agreement(reward.masked_fill(~mask, -torch.inf), ranking, mask, ranked)
+    right = ((mixture > 0.5).double() * share).sum(-1).float()
     metrics = {
-        "eval/rewards/accuracies": float(((mixture > 0.5).double() * share).sum(-1).mean()),
+        "eval/rewards/accuracies": float(right.mean()),
         "eval/mixture_nll": float(-log_prob.mean()),
         "eval/rankings/top1": agreement["top1"],
         "eval/rankings/kendall_tau": agreement["kendall_tau"],
@@ -205,7 +222,7 @@ def _ranking_metrics(test: dict, weights: torch.Tensor, beta: float) -> tuple:
     }
     for j in range(h.shape[-1]):
         metrics[f"eval/expert_{j}/rewards/margins"] = float(beta * (margins[..., j] * share).sum(-1).mean())
-    return metrics, ((margins > 0).double() * share.unsqueeze(-1)).sum(1).float(), log_prob.float()
+    return metrics, ((margins > 0).double() * share.unsqueeze(-1)).sum(1).float(), log_prob.float(), right
 
 
 def _uniform_nll(mask: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from moedpo.eval.found import Evidence, calibration, found_lines, write_assignme
 from moedpo.eval.kcurve import k_section
 from moedpo.eval.metrics import adjusted_rand_index
 from moedpo.eval.rewards import checks, resolve_rewards, reward_table
+from moedpo.eval.types_report import types_section
 from moedpo.runs import BEST, GATE_FILE, RESTARTS_FILE, find_checkpoint
 from moedpo.session import RunSession
 
@@ -166,6 +167,8 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
     lines += found
     lines += k_section(run_dir, out)
     lines += _types_section(run, out, posteriors)
+    if details is not None:
+        lines += types_section(run_dir, metrics, details, config.experts.num_experts)
     n = config.report.num_prompts if num_prompts is None else num_prompts
     rewards = resolve_rewards(config) if n else {}
     for stale in ("rewards.json", "rewards.png"):  # a report without a table keeps no old one

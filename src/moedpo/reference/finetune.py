@@ -33,17 +33,20 @@ NO_GATE = torch.nn.Module()  # SFT checkpoints reuse the run directory's format,
 
 
 def sequences(config: Config, tokenizer, rows: list[PreferenceRow]) -> list[tuple[list[int], list[int]]]:
-    """(ids, loss mask) of prompt + chosen for every row, tokenized as DPO training tokenizes them."""
+    """(ids, loss mask) of prompt + chosen for every row (of a ranking: its best completion), tokenized as DPO
+    training tokenizes them."""
     check_consistent(rows, config.data.source)
     examples = tokenize_data(rows, tokenizer, config.data, source=config.data.source).examples
     whole = not config.sft.completion_only_loss
-    return [
-        (
-            e["prompt_chosen_ids"] + e["chosen_ids"],
-            [int(whole)] * len(e["prompt_chosen_ids"]) + [1] * len(e["chosen_ids"]),
-        )
-        for e in examples
-    ]
+    return [(prompt + ids, [int(whole)] * len(prompt) + [1] * len(ids)) for prompt, ids in map(_preferred, examples)]
+
+
+def _preferred(example: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a pair's chosen completion or a ranking's best one."""
+    if "completion_ids" in example:
+        best = example["ranking"][0]
+        return example["prompt_ids"][best], example["completion_ids"][best]
+    return example["prompt_chosen_ids"], example["chosen_ids"]
 
 
 def collate_sequences(pairs: list[tuple[list[int], list[int]]], pad: int, device) -> dict:

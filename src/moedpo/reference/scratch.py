@@ -34,10 +34,12 @@ def cache_root() -> Path:
 
 
 def texts_of(rows: list[PreferenceRow]) -> list[str]:
-    """Every prompt, chosen and rejected text (message contents of chat rows), in order."""
+    """Every prompt, chosen and rejected text (a ranking's completions; message contents of chat rows), in order."""
     texts = []
     for row in rows:
-        for part in (row.prompt, row.chosen, row.rejected):
+        completions = row.completions if hasattr(row, "completions") else (row.chosen, row.rejected)
+        parts = (row.prompt, *completions)
+        for part in parts:
             if isinstance(part, list):
                 texts += [m["content"] for m in part]
             elif part:
