@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 from moedpo.config import ConfigError
+from moedpo.data.formats import PreferenceDataError
 from moedpo.data.loading import load_preference_rows
 from moedpo.data.prepared import UNKNOWN_LIMIT, unknown_token_share
+from moedpo.data.ranking_rows import RankingRow
 from moedpo.data.sources import normalised, tokenize_data
 from moedpo.eval.evaluate import bank_margins, gate_batch, latent_posterior, observed
 from moedpo.runs import Personalization
@@ -44,10 +46,9 @@ def posteriors_from_examples(session: RunSession, examples: list[dict], user: st
         )
     if not examples:
         raise ConfigError(f"personalize {user!r}: no pairs left to read (after dropping what TRL drops)")
-    if ("completion_ids" in examples[0]) != run.data.rankings:
+    if ("completion_ids" in examples[0]) != run.data.rankings:  # examples given directly, not through personalize
         given, trained = ("rankings", "pairs") if "completion_ids" in examples[0] else ("pairs", "rankings")
-        raise ConfigError(f"personalize {user!r}: the file holds {given}, and this run was trained on {trained}; "
-                          f"give the annotator's {trained}")  # fmt: skip
+        raise ConfigError(f"personalize {user!r}: the examples are {given}, and this run was trained on {trained}")
     fit = bank_margins(run.bank, examples, run.tokenizer.pad_token_id)
     prior_logits = run.gate.new_user_logits(gate_batch(examples), fit["features"].to(run.bank.device)).cpu()
     zeros = torch.zeros(len(examples), dtype=torch.long)  # one annotator: every pair is theirs
@@ -95,6 +96,10 @@ def personalize(run_dir, pairs, user: str | None = None, save: bool = True) -> P
     user = str(user)
     if user in session.user_ids:
         raise ConfigError(f"{user!r} is an annotator of this run already: its posterior comes from training")
+    if isinstance(rows[0], RankingRow) != session.run.data.rankings:
+        given, trained = ("rankings", "pairs") if isinstance(rows[0], RankingRow) else ("pairs", "rankings")
+        raise ConfigError(f"{source}: holds {given}, and this run was trained on {trained}; give the annotator's "
+                          f"{trained}")  # fmt: skip
     if named:  # a file of several annotators: only this one's rows
         if user not in named:
             raise ConfigError(f"--user {user!r}: no row of {source} has this user_id (it has {sorted(named)[:5]})")
@@ -102,7 +107,7 @@ def personalize(run_dir, pairs, user: str | None = None, save: bool = True) -> P
     try:
         result = posteriors_from_examples(session, tokenize_for_run(session, rows, source), user)
     except (ValueError, RuntimeError) as err:  # the gate cannot read these rows (missing or mis-sized features)
-        if isinstance(err, ConfigError):
+        if isinstance(err, ConfigError | PreferenceDataError):  # these name the file already
             raise
         raise ConfigError(f"{source}: {err}") from None
     if save:

@@ -71,7 +71,8 @@ def reference_once(run: Run, run_dir: Path, dp: DataParallel) -> None:
     run.bank.precompute_reference(examples, run.tokenizer.pad_token_id, progress=bar.update)
     bar.close()
     if dp.is_main and not sys.stderr.isatty():
-        print(f"moedpo: reference log-probs of {len(examples)} pairs computed", file=sys.stderr, flush=True)
+        unit = "rankings" if run.data.rankings else "pairs"
+        print(f"moedpo: reference log-probs of {len(examples)} {unit} computed", file=sys.stderr, flush=True)
     if dp.is_main:
         save_file(run.bank.reference_state(), path)
     dp.barrier()

@@ -143,3 +143,15 @@ def test_the_reference_cache_of_rankings_saves_and_loads(tiny_model, rankings, t
     got, expected = fresh.reference(batch), bank.reference(batch)
     assert torch.equal(got["ref_completion_logps"], expected["ref_completion_logps"])
     assert torch.equal(got["features"], expected["features"])
+
+
+def test_the_routed_schedule_refuses_a_ranking_batch(tiny_model, rankings):
+    """A Python user's loop: routed draws z from a guide over pairs; a ranking batch is refused by name."""
+    _, batch = rankings
+    bank = LoRABank(tiny_model, 2)
+    optimizer = torch.optim.SGD(list(bank.trainable_parameters().values()), lr=0.1)
+    guide = torch.nn.Linear(1, 1)
+    loop = VariationalEM(bank, lambda _b, _o: torch.zeros(5, 2), optimizer, beta=0.5, model=mixture_pl_model,
+                         schedule="routed", guide=guide)  # fmt: skip
+    with pytest.raises(ValueError, match="schedule='routed' takes pairs"):
+        loop.step(batch)

@@ -77,7 +77,17 @@ def test_a_users_file_of_scores_trains_and_personalizes(tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "describe the garden :", "chosen": " calm day", "rejected": " wild day"}))
     code, err = run(capsys, "personalize", str(out), "--pairs", str(pairs), "--user", "n")
-    assert code == 2 and "holds pairs, and this run was trained on rankings" in err
+    assert code == 2 and f"{pairs}: holds pairs, and this run was trained on rankings" in err
+
+
+def test_held_out_data_of_the_other_kind_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The trial's worst bug: rankings trained with held-out pairs (or the reverse) crashed with a KeyError."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "describe the garden :", "chosen": " calm day", "rejected": " wild day",
+                                 "user_id": "annotator_000"}))  # fmt: skip
+    code, err = run(capsys, "train", *SMALL, f"data.eval_source={pairs}", f"train.output_dir={tmp_path / 'x'}")
+    assert code == 2 and f"{pairs}: row 1 (counting from 1): field 'chosen': holds pairs" in err
+    assert "while data.source=builtin:rankings holds rankings" in err and not (tmp_path / "x" / "data.json").exists()
 
 
 @pytest.mark.parametrize(

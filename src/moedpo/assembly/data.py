@@ -7,8 +7,9 @@ from __future__ import annotations
 from moedpo.assembly.base import base_name
 from moedpo.config import Config, ConfigError
 from moedpo.data.encoder import encode_prompts, load_encoder
-from moedpo.data.formats import PreferenceRow
+from moedpo.data.formats import PreferenceDataError, PreferenceRow
 from moedpo.data.prepared import UNKNOWN_LIMIT, PreparedData, held_out_split, unknown_token_share, user_feature_width
+from moedpo.data.ranking_rows import RankingRow
 from moedpo.data.sources import SAMPLED_SOURCES, check_consistent, normalised, source_rows, tokenize_data
 from moedpo.reference.reviews import annotated_rows
 
@@ -32,16 +33,24 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     check_consistent(rows, d.source)
     tokenized = tokenize_data(rows, tokenizer, d, source=d.source)
     _check_known_tokens(config, tokenizer, tokenized.examples)
+    unit = "rankings" if isinstance(rows[0], RankingRow) else "pairs"
     if d.eval_source:
-        held = tokenize_data(load_rows(config, d.eval_source), tokenizer, d, source=d.eval_source,
-                             user_ids=tokenized.user_ids)  # fmt: skip
+        held_rows = load_rows(config, d.eval_source)
+        if isinstance(held_rows[0], RankingRow) != (unit == "rankings"):
+            other = "pairs" if unit == "rankings" else "rankings"
+            raise PreferenceDataError(
+                d.eval_source, 0, "completions" if other == "rankings" else "chosen",
+                f"holds {other}, while data.source={d.source} holds {unit}: give held-out {unit} "
+                "(`moedpo eval RUN --data FILE` evaluates a run on the other kind)",
+            )  # fmt: skip
+        held = tokenize_data(held_rows, tokenizer, d, source=d.eval_source, user_ids=tokenized.user_ids)
         train, evaluation, users = tokenized.examples, held.examples, held.user_ids
         offset = 1 + max((e["index"] for e in train), default=-1)
         for e in evaluation:
             e["index"] += offset  # distinct cache keys
         truncated = tokenized.num_truncated + held.num_truncated
         dropped = tokenized.num_dropped + held.num_dropped
-        split = f"held-out pairs: {d.eval_source}"
+        split = f"held-out {unit}: {d.eval_source}"
     else:
         has_ids = any(not u.startswith("__row_") for u in tokenized.user_ids)
         if config.em.scope == "user" and not has_ids:
@@ -52,8 +61,8 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
             )
         train, evaluation = held_out_split(tokenized.examples, has_ids, d.eval_fraction, config.train.seed)
         users, truncated, dropped = tokenized.user_ids, tokenized.num_truncated, tokenized.num_dropped
-        share = "each annotator's pairs" if has_ids else "all pairs (no user_id column)"
-        split = f"held-out pairs: {d.eval_fraction:.0%} of {share}, seed {config.train.seed}"
+        share = f"each annotator's {unit}" if has_ids else f"all {unit} (no user_id column)"
+        split = f"held-out {unit}: {d.eval_fraction:.0%} of {share}, seed {config.train.seed}"
     if config.gate.encoder:
         attach_encoder_features(config.gate.encoder, train + evaluation)
     width = user_feature_width(train + evaluation)

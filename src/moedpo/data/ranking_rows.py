@@ -11,7 +11,8 @@ the first tie are observed, ``ranked`` = the number of leading completions each 
 below it. Scores [9, 7, 7, 2] give ranking [0, 1, 2, 3] with ranked = 1: "0 is the best of the four"; the order
 of 1, 2 and 3 is not used (Plackett–Luce has no ties; this is the exact likelihood of the observed top-k with
 the rest summed out). A row whose best score ties (ranked = 0) says nothing and is dropped, counted, like a pair
-whose chosen equals its rejected. A ranking of two completions is a pair.
+whose chosen equals its rejected. Two identical completions in one ranking are kept (the order of the others
+still informs; between the two an expert cannot choose). A ranking of two completions is a pair.
 """
 
 from __future__ import annotations

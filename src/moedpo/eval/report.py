@@ -152,6 +152,10 @@ def report(run_dir: str | Path, session=None, num_prompts: int | None = None) ->
                       f"best {kept['metric']}, {kept['value']:.4g}).", ""]  # fmt: skip
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float) and k.count("/") <= 3]
+        if run.data.rankings:
+            lines += ["", "On rankings, `rewards/accuracies` is the share of the pairs each held-out ranking implies "
+                      "that the mixture (or an expert) orders right; `mixture_nll` is per ranking, beside "
+                      "`chance_nll`, a uniform guess's."]  # fmt: skip
         lines += ["", "![training curves](training.png)", ""]
     # the training annotators' posteriors (K expert passes over every training pair): once, for every section; the
     # held-out evaluation computed them already

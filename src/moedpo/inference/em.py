@@ -239,7 +239,7 @@ class VariationalEM:
     def routed_update(self, batch, total: float) -> tuple[dict, EStep]:
         """Sparse update routed by the guide: no expert runs before z is drawn, then only the drawn one."""
         ref = self.experts.reference(batch)  # cached features of the frozen base: no expert forward
-        if "ranking" in ref:
+        if "ranking" in ref or (isinstance(batch, dict) and "ranking" in batch):  # an LLM bank's ranking batch
             raise ValueError("schedule='routed' takes pairs; for rankings use schedule 'em', 'gumbel' or 'svi'")
         gate_logits, extra = gate_output(self.gate(batch, ref))  # gate
         kwargs = {"label_smoothing": self.label_smoothing, **extra, **self._guide_inputs(ref)}
