@@ -127,6 +127,16 @@ def normalise_row(record: dict[str, Any], source: str, row: int) -> PreferenceRo
     return PreferenceRow(prompt, chosen, rejected, **optional_fields(record, source, row))
 
 
+def json_cell(value, source: str, row: int, field: str, expected: str = "a JSON list"):
+    """A list given as JSON text (how CSV cells carry lists) decoded; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise PreferenceDataError(source, row, field, f"expected {expected}, got {value!r:.80}") from None
+
+
 def optional_fields(record: dict[str, Any], source: str, row: int) -> dict:
     """The row's ``user_id``, ``user_features`` and ``group``, validated (those it has)."""
     extras = {}
@@ -135,13 +145,7 @@ def optional_fields(record: dict[str, Any], source: str, row: int) -> dict:
         if value is None:
             continue
         if field == "user_features":
-            if isinstance(value, str):  # CSV cells carry lists as JSON text
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    raise PreferenceDataError(
-                        source, row, field, f"expected a list of numbers, got {value!r:.80}"
-                    ) from None
+            value = json_cell(value, source, row, field, "a list of numbers")
             if not isinstance(value, list | tuple) or not all(isinstance(v, int | float) for v in value):
                 raise PreferenceDataError(source, row, field, f"expected a list of numbers, got {value!r:.80}")
             value = [float(v) for v in value]

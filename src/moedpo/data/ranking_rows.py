@@ -17,7 +17,6 @@ still informs; between the two an expert cannot choose). A ranking of two comple
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from moedpo.data.formats import (
     PreferenceRow,
     check_completion,
     is_messages,
+    json_cell,
     normalise_row,
     optional_fields,
     prompt_cut,
@@ -53,18 +53,8 @@ class RankingRow:
         return self.ranked == 0
 
 
-def _json_list(value, source, row, field):
-    """CSV cells carry lists as JSON text."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise PreferenceDataError(source, row, field, f"expected a JSON list, got {value!r:.80}") from None
-    return value
-
-
 def _completions(record, source, row) -> list:
-    completions = _json_list(record.get("completions"), source, row, "completions")
+    completions = json_cell(record.get("completions"), source, row, "completions")
     if not isinstance(completions, list | tuple) or len(completions) < 2:
         raise PreferenceDataError(
             source, row, "completions", f"expected a list of two or more completions, got {completions!r:.80}"
@@ -79,13 +69,13 @@ def _order(record, count: int, source, row) -> tuple[list[int], int]:
         found = "both" if ranking is not None else "neither"
         raise PreferenceDataError(source, row, "ranking", f"give 'ranking' (indices, best first) or 'scores'; {found}")
     if ranking is not None:
-        ranking = _json_list(ranking, source, row, "ranking")
+        ranking = json_cell(ranking, source, row, "ranking")
         indices = isinstance(ranking, list | tuple) and all(type(i) is int for i in ranking)  # no bools, no floats
         if not indices or sorted(ranking) != list(range(count)):
             problem = f"expected a permutation of 0..{count - 1} (completion indices, best first), got {ranking!r:.80}"
             raise PreferenceDataError(source, row, "ranking", problem)
         return list(ranking), count - 1
-    scores = _json_list(scores, source, row, "scores")
+    scores = json_cell(scores, source, row, "scores")
     numbers = isinstance(scores, list | tuple) and all(
         isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in scores
     )

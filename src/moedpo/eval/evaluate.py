@@ -20,7 +20,7 @@ import torch
 from moedpo.data.tokenize import collate_examples
 from moedpo.eval.metrics import adjusted_rand_index, ranking_agreement
 from moedpo.inference import e_step
-from moedpo.inference.margins import log_ratios, margins_with_leaves, observations
+from moedpo.inference.margins import completion_log_ratios, log_ratios, observations
 from moedpo.losses import mixture_nll, pairwise_margins, ranking_log_likelihood
 
 RANKING_KEYS = ("ranking", "ranking_mask", "ranked")  # what a ranking batch's latent model observes
@@ -35,7 +35,7 @@ def bank_margins(bank, examples: list[dict], pad_token_id: int, batch_size: int 
     for start in range(0, len(examples), batch_size):
         out = bank.margins(collate_examples(examples[start : start + batch_size], pad_token_id))
         if "completion_logps" in out:
-            h = margins_with_leaves(out)[0]
+            h = completion_log_ratios(out)
         else:
             chosen, rejected = log_ratios(out)
             h = chosen - rejected

@@ -163,11 +163,7 @@ class ExpertBank:
         missing completion's entries are 0. Without a graph unless ``reuse_graph`` and grad is on."""
         batch = self.to_device(batch)
         out = self.reference(batch)
-        graph = self.reuse_graph and torch.is_grad_enabled()
-        self.train_mode() if graph else self.eval_mode()
-        with torch.set_grad_enabled(graph), self.autocast():
-            logps = torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)
-        num = batch["index"].shape[0]
+        logps, num = self._dense_logps(batch), batch["index"].shape[0]
         return {
             "completion_logps": by_completion(logps, num),
             "completion_lengths": by_completion(batch["completion_mask"].sum(-1).float(), num),
@@ -194,11 +190,7 @@ class ExpertBank:
         if route is not None:
             chosen, rejected = self._routed_logps(batch, route.to(self.device))
         else:
-            graph = self.reuse_graph and torch.is_grad_enabled()
-            self.train_mode() if graph else self.eval_mode()
-            with torch.set_grad_enabled(graph), self.autocast():
-                logps = torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)
-            chosen, rejected = logps.chunk(2)  # (B, K) each
+            chosen, rejected = self._dense_logps(batch).chunk(2)  # (B, K) each
         lengths = batch["completion_mask"].sum(-1).float()
         return {
             "chosen_logps": chosen,
@@ -207,6 +199,14 @@ class ExpertBank:
             "rejected_lengths": lengths[chosen.shape[0] :],
             **out,
         }
+
+    def _dense_logps(self, batch: dict) -> torch.Tensor:
+        """Every expert on every sequence row of a batch, (rows, K): without a graph (eval mode: the E-step pass),
+        unless ``reuse_graph`` and grad is on (train mode, the loop backpropagates through them)."""
+        graph = self.reuse_graph and torch.is_grad_enabled()
+        self.train_mode() if graph else self.eval_mode()
+        with torch.set_grad_enabled(graph), self.autocast():
+            return torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)
 
     def _routed_logps(self, batch: dict, route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num_pairs = route.shape[0]

@@ -39,8 +39,7 @@ def margins_with_leaves(out: dict):
         if not logps.requires_grad:
             logps = out["completion_logps"] = logps.detach().requires_grad_(True)
             leaves = [logps]
-        ref = out["ref_completion_logps"]
-        return logps - (ref.unsqueeze(-1) if ref.dim() == 2 else ref), leaves
+        return completion_log_ratios(out), leaves
     chosen, rejected = out["chosen_logps"], out["rejected_logps"]
     leaves = []
     if not chosen.requires_grad:
@@ -49,6 +48,13 @@ def margins_with_leaves(out: dict):
         leaves = [chosen, rejected]
     chosen_ratio, rejected_ratio = log_ratios(out)
     return chosen_ratio - rejected_ratio, leaves
+
+
+def completion_log_ratios(out: dict) -> torch.Tensor:
+    """A ranking batch's h: log pi_k / pi_ref(k) of every completion, (B, M, K) (a shared reference (B, M)
+    broadcasts)."""
+    ref = out["ref_completion_logps"]
+    return out["completion_logps"] - (ref.unsqueeze(-1) if ref.dim() == 2 else ref)
 
 
 def observations(out: dict, h: torch.Tensor) -> tuple[torch.Tensor, dict]:
