@@ -138,7 +138,7 @@ def _start(world, scope, gate_kind):
     return experts, gate, gate_logits
 
 
-def _step(world, scope, gate_kind, micro_batches, load_balance=0.3, usage_entropy=0.2, sync=None):
+def _step(world, scope, gate_kind, micro_batches, load_balance=0.3, usage_entropy=0.2, sync=None, schedule="em"):
     """Parameters after one EM step (2 M-step updates, SGD lr 0.5) from the same start."""
     experts, gate, gate_logits = _start(world, scope, gate_kind)
     params = [*experts.parameters(), *gate.parameters()]
@@ -152,6 +152,7 @@ def _step(world, scope, gate_kind, micro_batches, load_balance=0.3, usage_entrop
         load_balance=load_balance,
         usage_entropy=usage_entropy,
         sync=sync,
+        schedule=schedule,
     )
     loop.step(*micro_batches)
     return [p.detach().clone() for p in params]

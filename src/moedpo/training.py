@@ -190,8 +190,10 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
         if best is not None:
             _keep_best(best, params, run.gate, t.max_steps)
         _save_artefacts(run, run_dir)
-        if t.dpo_baseline and config.experts.num_experts > 1:
-            _train_dpo_baseline(config, run_dir)
+    dp.barrier()
+    if t.dpo_baseline and config.experts.num_experts > 1:  # on every process: it trains distributed too
+        _train_dpo_baseline(config, run_dir)
+    if dp.is_main:
         print(f"moedpo: report -> {report(run_dir, RunSession(run_dir, run))}", file=sys.stderr, flush=True)
     dp.barrier()
     dp.close()

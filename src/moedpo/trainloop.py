@@ -103,4 +103,5 @@ def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:
         exact_every=em.exact_every,
         exact_warmup=em.exact_warmup,
         start=build_start(run.config, run.data),
+        seed=config.train.seed,
     )

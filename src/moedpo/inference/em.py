@@ -37,8 +37,12 @@ everything.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+
 import torch
 
+from moedpo.inference.draws import KeyedSampling, UnitDraws, posterior_draw
 from moedpo.inference.estep import EStep, e_step, plate_nesting, posterior
 from moedpo.inference.margins import (
     as_dict,
@@ -113,6 +117,7 @@ class VariationalEM:
         exact_warmup: int = 0,
         baseline_decay: float = 0.8,
         start: Start | None = None,
+        seed: int = 0,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
@@ -135,7 +140,9 @@ class VariationalEM:
         self.exact_every, self.exact_warmup = exact_every, exact_warmup
         self.baseline = SignalBaseline(baseline_decay)  # routed: the score-function term's baselines
         self.start = start  # a start from the data: the prior of the first E-steps (moedpo.inference.start)
+        self.draws = UnitDraws(seed)  # gumbel / routed / subset draws: per unit, the same on any process split
         self.num_steps = 0
+        self.draw_index = 0  # num_steps * m_steps + the update within the step: the unit draws' key
         self.metrics: dict[str, float] = {}
 
     # -- one optimisation step: read this first ------------------------------------------------------------
@@ -143,26 +150,33 @@ class VariationalEM:
         """margins -> gate -> E-step -> M-step -> expert update -> optimizer (x m_steps) -> gate -> schedule.
 
         (``routed``: guide features -> gate -> z ~ guide -> the drawn experts' margins -> ELBO -> their update.)"""
-        batches = [b for b in micro_batches if b is not None and num_pairs(b) > 0]  # empty shards: no work
+        positions = [i for i, b in enumerate(micro_batches) if b is not None and num_pairs(b) > 0]
+        batches = [micro_batches[i] for i in positions]  # empty shards: no work
         total = self._global_sum(sum(num_pairs(b) for b in batches))
         if total == 0:
             raise ValueError("the global batch has no pairs")
         exact = self.num_steps < self.exact_warmup or (self.exact_every and self.num_steps % self.exact_every == 0)
         routed = self.schedule == "routed" and not exact
         e_steps: list = [None] * len(batches)
-        records = []
+        records, signals = [], []
+        if self.sync is not None:
+            self.sync.watch(p for group in self.optimizer.param_groups for p in group["params"])
         for update in range(self.m_steps):
+            self.draw_index = self.num_steps * self.m_steps + update  # keys each update's draws
             self.optimizer.zero_grad(set_to_none=True)
             penalty = None if routed else self.gate_penalty(batches)  # anti-collapse: the whole step's mean gate
             for i, batch in enumerate(batches):
                 if routed:
-                    record, e_steps[i] = self.routed_update(batch, total)
+                    record, e_steps[i], signal = self.routed_update(batch, total)
+                    signals.append((update, positions[i], *signal))
                 else:
                     record, e_steps[i] = self.dense_update(batch, e_steps[i], total, penalty)
                 if update == 0:
                     records.append(record)
             self.apply_gradients()  # optimizer
-        if not routed:  # from exact posteriors only: a guide's noisy q would random-walk the proportions
+        if routed:
+            self.update_baseline(signals)
+        else:  # from exact posteriors only: a guide's noisy q would random-walk the proportions
             self.update_gate([e.gate_q for e in e_steps])  # closed-form Mix-DPO proportions
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()  # schedule: once per EM step, whatever m_steps is
@@ -190,8 +204,9 @@ class VariationalEM:
         self._check_rankings(out)
         args = (h, gate_logits, self.beta, obs)
         kwargs = {"label_smoothing": self.label_smoothing, **observed, **extra, **self._guide_inputs(out)}
+        keys, _ = unit_keys(batch, extra, gate_logits.shape[0])
         if e is None:
-            e = self.e_step(self._started(args, batch, extra), kwargs)  # E-step (once; reused by later M-steps)
+            e = self.e_step(self._started(args, keys), kwargs, keys)  # E-step (once; reused by later M-steps)
         loss = self.m_step_loss(e, out, args, kwargs)  # M-step: a sum over the pairs
         guide_elbo = None
         if self.guide is not None:  # the guide follows the exact posterior
@@ -204,7 +219,7 @@ class VariationalEM:
                     self.model, self.guide, e.post, *detached_args, max_plate_nesting=nesting, **kwargs
                 )
             if self.schedule in ("em", "gumbel"):
-                guide_loss = guide_loss + self._guide_on_subsets(detached_args, kwargs)
+                guide_loss = guide_loss + self._guide_on_subsets(detached_args, kwargs, batch, keys)
             loss = loss + guide_loss
         if penalty is not None:  # scaled like the sums over pairs: one batch gives weight * Phi(P_bar)
             loss = loss + total * penalty.share(gate_logits)
@@ -216,18 +231,20 @@ class VariationalEM:
             record["guide/kl"] = float(e.post.log_evidence - guide_elbo)
         return record, e
 
-    def _guide_on_subsets(self, args, kwargs) -> torch.Tensor | float:
+    def _guide_on_subsets(self, args, kwargs, batch, keys: list | None) -> torch.Tensor | float:
         """User scope: also fit the guide to the exact posterior of a random subset of each annotator's pairs
         (each pair kept with a per-annotator probability drawn uniformly, at least one kept), so that q(z_u | D_u)
         is right for annotators with few pairs too (new users personalised from k pairs), not only for the
         sizes training batches happen to have. The margins are known, so this costs no expert forward. Not under
         ``routed``: there the guide's confidence is what makes the experts specialise (measured: with it, the
-        built-in world's routed run lost its types, ARI 0.0 against 1.0)."""
+        built-in world's routed run lost its types, ARI 0.0 against 1.0). The subsets are drawn per annotator and
+        pair (:class:`~moedpo.inference.draws.UnitDraws`) where the batch names them."""
         if "user_index" not in kwargs or "guide_features" not in kwargs:
             return 0.0
         h, g, beta, obs = args
         users = kwargs["user_index"]
-        keep = torch.rand(h.shape[0], device=h.device) < torch.rand(g.shape[0], device=h.device)[users]
+        keep = self._subset_uniforms(batch, keys, h.shape[0], g.shape[0], h.device)
+        keep = keep[0] < keep[1][users]
         keep[first_pairs(users, g.shape[0])] = True  # every annotator keeps a pair
         sub = {**kwargs, "user_index": users[keep], "guide_features": kwargs["guide_features"][keep]}
         sub_args = (h[keep], g, beta, obs[keep])
@@ -236,8 +253,19 @@ class VariationalEM:
             0
         ]
 
-    def routed_update(self, batch, total: float) -> tuple[dict, EStep]:
-        """Sparse update routed by the guide: no expert runs before z is drawn, then only the drawn one."""
+    def _subset_uniforms(self, batch, keys, num_pairs: int, num_users: int, device) -> tuple:
+        """(per pair, per annotator) uniforms of the guide's subset fit."""
+        index = batch.get("index") if isinstance(batch, dict) else None
+        if keys is None or index is None:
+            return torch.rand(num_pairs, device=device), torch.rand(num_users, device=device)
+        pairs = [("pair", int(i)) for i in index.tolist()]
+        step = self.draw_index
+        per_pair, per_user = (self.draws.uniform(k, 1, step, "subset")[:, 0].to(device) for k in (pairs, keys))
+        return per_pair, per_user
+
+    def routed_update(self, batch, total: float) -> tuple[dict, EStep, tuple]:
+        """Sparse update routed by the guide: no expert runs before z is drawn, then only the drawn one. Returns
+        the record, the routing as an E-step, and (unit keys, pair counts, learning signals) for the baselines."""
         ref = self.experts.reference(batch)  # cached features of the frozen base: no expert forward
         if "ranking" in ref or (isinstance(batch, dict) and "ranking" in batch):  # an LLM bank's ranking batch
             raise ValueError("schedule='routed' takes pairs; for rankings use schedule 'em', 'gumbel' or 'svi'")
@@ -245,7 +273,10 @@ class VariationalEM:
         kwargs = {"label_smoothing": self.label_smoothing, **extra, **self._guide_inputs(ref)}
         placeholder = torch.zeros(num_pairs(batch), self.experts.num_experts, device=gate_logits.device)
         obs = torch.ones(placeholder.shape[0], device=gate_logits.device)
-        trace = draw_from_guide(self.guide, placeholder, gate_logits, self.beta, obs, **kwargs)  # z ~ q_phi
+        keys, counts = unit_keys(batch, extra, gate_logits.shape[0])
+        keyed = KeyedSampling(self.draws, keys, self.draw_index) if keys is not None else contextlib.nullcontext()
+        with keyed:  # z ~ q_phi, per unit
+            trace = draw_from_guide(self.guide, placeholder, gate_logits, self.beta, obs, **kwargs)
         drawn = latent_site(trace)["value"].reshape(-1)
         route = drawn[extra["user_index"].to(drawn.device)] if "user_index" in extra else drawn
         out = as_dict(self.experts.margins(batch, route=route))  # only the drawn experts run, with a graph
@@ -253,15 +284,24 @@ class VariationalEM:
         routed = torch.nn.functional.one_hot(route, h.shape[-1]).to(h)
         h = h * routed  # other experts' entries: zero, constant
         args = (h, gate_logits, self.beta, obs.to(h))
-        keys, counts = unit_keys(batch, extra, drawn.numel())
         loss = routed_loss(self.model, trace, *args, baseline=self.baseline(keys, counts), **kwargs)
         (loss.surrogate / total).backward()
         if leaves:
             self.experts.backward(batch, *(leaf.grad for leaf in leaves))
-        self.baseline.update(keys, counts, loss.signal)
         q = torch.softmax(latent_site(trace)["fn"].logits.detach().reshape(-1, h.shape[-1]), -1)
         record = routed_record(q, drawn, route, h.detach(), gate_logits, float(loss.elbo), detached(out))
-        return record, EStep(None, q, routed, None)
+        return record, EStep(None, q, routed, None), (keys, counts.tolist(), loss.signal.detach().cpu().tolist())
+
+    def update_baseline(self, signals: list[tuple]) -> None:
+        """The score-function baselines after a routed step: each micro-batch's signals in order, over every
+        process's share of it (so the baselines are the same on every process, and one process's), applied once the
+        step is done: within a step every micro-batch is centred by the baselines of the steps before."""
+        gathered = [entry for part in self._gather(signals) for entry in part]
+        for _, group in itertools.groupby(sorted(gathered, key=lambda e: e[:2]), key=lambda e: e[:2]):
+            group = list(group)
+            keys = None if any(e[2] is None for e in group) else [tuple(k) for e in group for k in e[2]]
+            counts = torch.tensor([c for e in group for c in e[3]])
+            self.baseline.update(keys, counts, torch.tensor([v for e in group for v in e[4]], dtype=torch.float64))
 
     def gate_penalty(self, batches) -> GatePenalty | None:
         """Load balance and usage entropy at the mean gate over every latent unit of the step (all micro-batches,
@@ -295,20 +335,23 @@ class VariationalEM:
         if self.guide is not None:
             raise ValueError("an amortized guide reads a pair's features; rankings train without a guide")
 
-    def _started(self, args, batch, extra: dict) -> tuple:
+    def _started(self, args, keys: list | None) -> tuple:
         """The E-step's arguments with the data start's log prior added to the gate's logits (its first steps
         only; the gate's own M-step still sees its logits unchanged)."""
         if self.start is None:
             return args
         h, gate_logits = args[:2]
-        keys, _ = unit_keys(batch, extra, gate_logits.shape[0])
         shift = self.start.log_prior(keys, self.num_steps, gate_logits)
         return args if shift is None else (h, gate_logits.detach() + shift, *args[2:])
 
-    def e_step(self, args, kwargs) -> EStep:
-        return e_step(
-            self.model, args, kwargs, self.beta, self.label_smoothing, self.max_plate_nesting, self.schedule == "gumbel"
-        )
+    def e_step(self, args, kwargs, keys: list | None = None) -> EStep:
+        """The exact E-step; under ``gumbel`` with one posterior draw of the latents, per unit where ``keys``
+        name the units (:func:`~moedpo.inference.draws.posterior_draw`)."""
+        nesting = self.max_plate_nesting
+        e = e_step(self.model, args, kwargs, self.beta, self.label_smoothing, nesting)
+        if self.schedule == "gumbel":
+            e.draw = posterior_draw(self.draws, self.model, e.post, args, kwargs, nesting, keys, self.draw_index)
+        return e
 
     def m_step_loss(self, e: EStep, out: dict, args, kwargs) -> torch.Tensor:
         """The schedule's objective for one micro-batch, summed over its pairs."""
@@ -374,6 +417,10 @@ class VariationalEM:
             if self.gate_momentum:
                 target = self.gate_momentum * torch.softmax(logits, -1) + (1 - self.gate_momentum) * target
             self.closed_form_gate.set_proportions(target.unsqueeze(0))
+
+    def _gather(self, value) -> list:
+        """``value`` of every process, in rank order ([value] in one process)."""
+        return [value] if self.sync is None else self.sync.gather(value)
 
     def _global_sum(self, value: float) -> float:
         if self.sync is None:

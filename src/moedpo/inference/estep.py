@@ -255,10 +255,10 @@ class EStep:
     post: Posterior
     gate_q: torch.Tensor  # (units, K): posterior of the latent whose prior is the gate
     pair_q: torch.Tensor  # (B, K): responsibilities, P(expert k labelled pair i | data)
-    draw: dict | None = None  # gumbel: one joint posterior draw of the latents
+    draw: dict | None = None  # gumbel: one posterior draw of the latents (moedpo.inference.draws)
 
 
-def e_step(model, args, kwargs, beta: float, label_smoothing: float, nesting: int, draw: bool = False) -> EStep:
+def e_step(model, args, kwargs, beta: float, label_smoothing: float, nesting: int) -> EStep:
     """Exact posterior of a batch; responsibilities and the gate latent's posterior by differentiating E_q[log p].
 
     ``args`` = (h, gate_logits, beta, obs). dE/dh_ik = r_ik * s_ik, with s_ik = d log p(y_i | expert k) / dh_ik,
@@ -283,9 +283,8 @@ def e_step(model, args, kwargs, beta: float, label_smoothing: float, nesting: in
     along = (dh * slope).sum(events) if events else dh * slope
     pair_q = torch.where(norm > 0, along / norm.clamp_min(1e-300), 0.0)  # (B, K)
     gate_q = torch.softmax(g, -1) + (dg if dg is not None else 0.0)
-    sample = sample_posterior(model, *args, max_plate_nesting=nesting, **kwargs) if draw else None
     dtype = args[0].dtype
-    return EStep(post, gate_q.detach().clamp(0, 1).to(dtype), pair_q.detach().clamp(0, 1).to(dtype), sample)
+    return EStep(post, gate_q.detach().clamp(0, 1).to(dtype), pair_q.detach().clamp(0, 1).to(dtype))
 
 
 def _row_log_likelihood(model, h, beta, obs, label_smoothing, kwargs) -> torch.Tensor:
