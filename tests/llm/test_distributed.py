@@ -34,6 +34,13 @@ SCHEDULES = {
 }
 BANKS = {"lora": [], "heads": ["experts.mode=heads"]}
 RUNS = {f"{bank}-{schedule}": BANKS[bank] + SCHEDULES[schedule] for bank in BANKS for schedule in SCHEDULES}
+RUNS |= {
+    "restarts": ["em.restarts=2", "em.restart_steps=3"],  # every process runs and scores both restarts
+    "auto-k": ["experts.num_experts=auto", "experts.max_experts=2", "em.restart_steps=3", "data.eval_fraction=0.25"],
+    "accumulation": ["train.gradient_accumulation_steps=2"],  # shards of 2 micro-batches, some empty
+    "pair-scope": ["em.scope=pair", "train.per_device_train_batch_size=3"],  # 3 pairs per process: 6 a step
+}
+ONE_PROCESS = {"pair-scope": ["train.per_device_train_batch_size=6"]}  # the same global batch in one process
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -66,7 +73,7 @@ def runs(tmp_path_factory):
     (root / "runs.json").write_text(json.dumps(listing))
     torchrun(str(Path(__file__).with_name("two_process_runs.py")), str(root / "runs.json"), port=29533)
     for name, s in settings.items():
-        train(load_config(overrides=[f"train.output_dir={root / 'one' / name}", *s]))
+        train(load_config(overrides=[f"train.output_dir={root / 'one' / name}", *s, *ONE_PROCESS.get(name, [])]))
     return root, settings
 
 
@@ -96,7 +103,11 @@ def test_two_uneven_processes_match_one(runs, name):
     assert gate_one.keys() == gate_two.keys()
     for key in gate_one:
         assert torch.allclose(gate_one[key], gate_two[key], atol=1e-6), key
-    assert (two / "experts" / "expert_1" / "adapter_model.safetensors").exists()
+    assert (two / "experts" / "expert_0" / "adapter_model.safetensors").exists()
+    if "auto" in name:  # K chosen alike, from scores equal up to float32 rounding
+        chose_one, chose_two = (json.loads((run / "k_selection.json").read_text()) for run in (one, two))
+        assert chose_one["chosen"] == chose_two["chosen"]
+        assert chose_one["scores"] == pytest.approx(chose_two["scores"], abs=1e-5)
     assert (two / "report" / "report.md").exists()
 
 
@@ -117,7 +128,7 @@ def test_the_runs_moved_and_sparse_schedules_left_experts_alone(runs):
     )
     start = load_file(initial / "checkpoint" / "params.safetensors")
     for name in RUNS:
-        if not name.startswith("lora"):
+        if name.startswith("heads") or name == "auto-k":  # other parameters (heads; K chosen)
             continue
         end = load_file(root / "one" / name / "checkpoint" / "params.safetensors")
         assert max((end[k] - start[k]).abs().max().item() for k in start) > 1e-3, name
