@@ -84,7 +84,8 @@ def main(argv=None) -> int:
                 print(f"run directory: {run_dir}")
             elif args.command == "sft":
                 folder = sft(load_config(args.config, args.overrides), resume=args.resume)
-                print(f"model folder: {folder} (use it as model.name_or_path={folder})")
+                if folder is not None:  # None: a torchrun rank other than 0
+                    print(f"model folder: {folder} (use it as model.name_or_path={folder})")
             elif args.command == "report":
                 print(f"report: {report(args.run_dir, num_prompts=args.num_prompts)}")
             elif args.command == "config":

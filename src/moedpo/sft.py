@@ -1,9 +1,13 @@
 """``moedpo sft --config FILE [key=value]``: a reference policy from the data. Fine-tunes ``model.name_or_path``
 (builtin, a local folder or a hub name) on ``data.source``'s prompts and preferred completions
-(:mod:`moedpo.reference.finetune`) and writes a model folder that ``model.name_or_path`` accepts."""
+(:mod:`moedpo.reference.finetune`) and writes a model folder that ``model.name_or_path`` accepts.
+
+Under ``torchrun`` the fine-tune runs once, on rank 0, which writes the folder; the other ranks return None at once
+(two processes used to train the same model side by side and write the same files at the same time)."""
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -17,10 +21,15 @@ from moedpo.data.sources import reference_rows
 from moedpo.reference.finetune import fine_tune
 
 
-def sft(config: Config | str | Path | None = None, resume: bool = False) -> Path:
-    """Fine-tune ``model.name_or_path`` on the data's preferred completions; returns the model folder."""
+def sft(config: Config | str | Path | None = None, resume: bool = False) -> Path | None:
+    """Fine-tune ``model.name_or_path`` on the data's preferred completions; returns the model folder (None on a
+    ``torchrun`` rank other than 0)."""
     if not isinstance(config, Config):
         config = load_config(config)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        print(f"moedpo sft: rank {rank} leaves the fine-tune to rank 0, which writes the model folder", file=sys.stderr)
+        return None
     out = config.sft.output_dir
     if "{time}" in out:
         if resume:

@@ -178,3 +178,16 @@ def test_kill_nine_then_resume_on_two_processes_and_on_one(runs, tmp_path):
     one = load_file(tmp_path / "copy" / "checkpoint" / "params.safetensors")
     assert all(torch.equal(expected[k], same_size[k]) for k in expected)
     assert max((expected[k] - one[k]).abs().max().item() for k in expected) < 1e-4
+
+
+def test_sft_under_torchrun_fine_tunes_once_on_rank_0(tmp_path):
+    """``torchrun -m moedpo.cli sft``: one fine-tune, one writer, both ranks exit 0. Before, both processes trained
+    the same model and wrote the same files at the same time."""
+    folder = tmp_path / "sft"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
+    arguments = ["-m", "moedpo.cli", "sft", "sft.max_steps=3", f"sft.output_dir={folder}"]
+    result = subprocess.run([*command, *arguments], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("model folder:") == 1 and "rank 1 leaves the fine-tune to rank 0" in result.stderr
+    assert result.stderr.count("sft: step 3/3") == 1
+    assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
