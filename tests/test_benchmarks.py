@@ -23,6 +23,12 @@ def test_step_cost_runs():
     assert "lora-sparse" in out and "x K=1" in out
 
 
+def test_parallel_check_asserts_ddp_equals_no_parallelism():
+    """DDP in a group of one (gloo) against no parallelism, lora and heads, em and gumbel: asserted inside."""
+    out = run("parallel_check.py", "--steps", "1", "--warmup", "1", "--experts", "2")
+    assert out.count("loss gap 0.0e+00") == 4 and "heads gumbel" in out
+
+
 def test_vs_trl_runs(tmp_path):
     rows = ["heads top_layers=2, K=1", "heads top_layers=2, K=4, guide"]
     out = run("vs_trl.py", "--shape", "small", "--steps", "2", "--warmup", "0", "--rounds", "1", "--out",

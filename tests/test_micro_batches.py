@@ -229,7 +229,7 @@ def _two_process_worker(rank, port, out_dir):
             shard = [_rows(second, second.user == u) for u in (1, 3)]
         results[scope] = _step(world, scope, "mlp", shard, sync=sync)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    sync.close()  # DDP's reducer, then the group
 
 
 def _free_port() -> int:

@@ -112,6 +112,7 @@ class TrainConfig:
     metric_for_best_model: str | None = None  # an eval/ metric of moedpo eval (prefix optional); empty: mixture_nll
     greater_is_better: bool | None = None  # empty: lower is better for names ending in loss or nll, else higher
     dpo_baseline: bool = False  # also train one DPO policy (K=1) on the same data, in RUN/dpo, for the report
+    parallel: str = "auto"  # auto (DDP under torchrun) | ddp (DDP also in one process: a group of one); no fsdp yet
 
 
 @dataclass
@@ -315,6 +316,7 @@ CHOICES = {
     ("experts", "reuse_graph"): ("auto", "true", "false"),
     ("train", "bf16"): ("auto", "true", "false"),
     ("sft", "lr_scheduler_type"): ("cosine", "linear", "constant"),
+    ("train", "parallel"): ("auto", "ddp"),
 }
 
 

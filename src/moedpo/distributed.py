@@ -11,6 +11,7 @@ of ``gumbel`` and ``routed`` are per unit (:mod:`moedpo.inference.draws`). Rank 
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -20,22 +21,25 @@ from moedpo.experts.loading import resolve_device
 
 
 class DataParallel:
-    """World size, rank and the collectives the loop needs; a no-op in a single process. The process group is
-    started here unless the caller started it (then the caller closes it: a nested ``train``, the DPO baseline,
-    leaves it open)."""
+    """World size, rank and the collectives the loop needs; a no-op in a single process unless ``parallel="ddp"``
+    (``train.parallel``), which runs the same DDP route in a process group of one (to check a setup, or measure what
+    it costs). The process group is started here unless the caller started it (then the caller closes it: a nested
+    ``train``, the DPO baseline, leaves it open)."""
 
-    def __init__(self):
+    def __init__(self, parallel: str = "auto"):
+        if parallel not in ("auto", "ddp"):
+            raise ValueError(f"parallel={parallel!r}: expected auto or ddp")
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.owns_group = self.world_size > 1 and not dist.is_initialized()
+        self.enabled = self.world_size > 1 or parallel == "ddp"
+        self.owns_group = self.enabled and not dist.is_initialized()
         self._gradients: GradientSync | None = None
-        if self.owns_group:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if self.owns_group and self.world_size > 1:
+            dist.init_process_group(backend)
+        elif self.owns_group:  # one process, no launcher: an in-memory store
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
     @property
     def is_main(self) -> bool:
@@ -87,6 +91,11 @@ class DataParallel:
             dist.barrier()
 
     def close(self) -> None:
+        """Release DDP's reducer, then the process group if this object started it (a reducer that outlives its
+        group aborts the process at exit: 'terminate called without an active exception')."""
+        if self._gradients is not None:
+            self._gradients = None
+            gc.collect()  # DDP's Python side holds reference cycles
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -2,7 +2,8 @@
 
     config.yaml  metrics.jsonl  experts/expert_<k>/  gate.safetensors  users.json  base/ (builtin model)
     data.json (tokenized splits: eval and generate need no original file)  reference_logps.safetensors
-    checkpoint/  (params.safetensors, gate.safetensors, optimizer.pt, scheduler.pt, rng.pt, loop.json, state.json)
+    checkpoint/  (params.safetensors, gate.safetensors, optimizer.pt, scheduler.pt, rng.pt, rng_rank<r>.pt under
+                  torchrun, loop.json, state.json)
     best/  (``train.load_best_model_at_end``: params.safetensors, gate.safetensors, state.json of the kept step)
     personalized/<user>.json  (new annotators' posteriors, ``moedpo personalize``)  report/
 
@@ -53,20 +54,36 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def rng_state() -> dict:
+    """This process's random state: torch (CPU, and CUDA where there is one) and Python's ``random``."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
 def save_checkpoint(
-    run_dir: Path, step: int, params: dict, gate_state: dict, optimizer, scheduler, loop_state: dict | None = None
+    run_dir: Path,
+    step: int,
+    params: dict,
+    gate_state: dict,
+    optimizer,
+    scheduler,
+    loop_state: dict | None = None,
+    rng_states: list[dict] | None = None,
 ) -> None:
     """Write everything a resumed run needs, atomically (tmp folder + renames). ``loop_state``: plain JSON of the
-    EM loop (the routed schedule's baselines)."""
+    EM loop (the routed schedule's baselines); ``rng_states``: every process's :func:`rng_state`, by rank (default:
+    this process's), in ``rng.pt`` (rank 0) and ``rng_rank<r>.pt``."""
 
     def write(tmp: Path) -> None:
         _save_tensors(tmp, params, gate_state)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        states = rng_states or [rng_state()]
+        torch.save(states[0], tmp / "rng.pt")
+        for rank, state in enumerate(states[1:], 1):
+            torch.save(state, tmp / f"rng_rank{rank}.pt")
         (tmp / "loop.json").write_text(json.dumps(loop_state or {}))
         (tmp / "state.json").write_text(json.dumps({"step": step, "complete": True}))
 
@@ -187,8 +204,10 @@ def restore_parameters(path: Path, params: dict) -> None:
             param.copy_(saved[name].to(param.device, param.dtype))
 
 
-def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler, loop=None) -> int:
-    """Restore parameters, gate, optimizer, scheduler, RNG and the EM loop's state in place; returns the step."""
+def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler, loop=None, rank: int = 0) -> int:
+    """Restore parameters, gate, optimizer, scheduler, RNG and the EM loop's state in place; returns the step.
+    ``rank`` takes that process's random state where the checkpoint has one (a run saved with as many processes or
+    more), else rank 0's."""
     restore_parameters(path, params)
     gate.load_state_dict(load_file(path / "gate.safetensors"))
     try:
@@ -197,7 +216,8 @@ def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler, loop=N
         problem = f"the optimizer state does not fit this run ({err}); resume with its own config.yaml"
         raise ConfigError(f"{path}: {problem}") from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    own = path / f"rng_rank{rank}.pt"
+    rng = torch.load(own if rank and own.exists() else path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(_as_python_state(rng["python"]))
     if "cuda" in rng and torch.cuda.is_available():

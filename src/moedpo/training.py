@@ -38,6 +38,7 @@ from moedpo.runs import (
     best_metric,
     find_checkpoint,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
 )
 from moedpo.session import RunSession
@@ -96,11 +97,11 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         config = load_config(config, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
     elif overrides:
         raise ValueError("pass overrides with a config path or None, or edit the Config object")
-    t, dp = config.train, DataParallel()
+    t, dp = config.train, DataParallel(config.train.parallel)
     resolve_rewards(config)  # a misspelt report.rewards fails now, not after training
     resolve_report_to(t.report_to)  # and a tracker that is not installed
     _absolute_paths(config)  # the run directory must work from any working directory
-    run_dir = rundir.output_dir(config, resume, dp.enabled)
+    run_dir = rundir.output_dir(config, resume, dp.world_size > 1)
     if dp.is_main:  # before the scratch reference and the data, which can take minutes
         rundir.check(run_dir, resume, t.overwrite)
     with cpu_threads(t.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) as threads:
@@ -153,23 +154,26 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
     config, t = run.config, run.config.train
     optimizer, scheduler, start = parts.optimizer, parts.scheduler, 0
     if resume:
-        start = loop.num_steps = load_checkpoint(find_checkpoint(run_dir), params, run.gate, optimizer, scheduler, loop)
+        path = find_checkpoint(run_dir)
+        start = loop.num_steps = load_checkpoint(path, params, run.gate, optimizer, scheduler, loop, rank=dp.rank)
     if (resume or chosen is not None) and dp.is_main:  # only now that the checkpoint fits, or K is known
         notes = (f"em.scope={config.em.scope}; {run.data.split}",)
         notes += (chosen.selection.line().removeprefix("moedpo: "),) if chosen is not None else ()
         save_config(config, run_dir / "config.yaml", notes=notes)
 
     logger, best = _loggers(run, run_dir, start if resume else None) if dp.is_main else (None, None)
-    checkpoint = lambda step: save_checkpoint(  # noqa: E731
-        run_dir, step, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict()
-    )
 
-    with StopRequest(enabled=not dp.enabled) as stop:
+    def checkpoint(step: int) -> None:  # on every process at the same steps: each one's random state goes in
+        rngs = dp.gather(rng_state())
+        if dp.is_main:
+            save_checkpoint(run_dir, step, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict(), rngs)
+
+    with StopRequest(enabled=dp.world_size == 1) as stop:
         if chosen is not None:
             start = _chosen(chosen, run_dir, logger, dp)
         elif config.em.restarts > 1 and start == 0:
             start = _restarts(parts, run_dir, logger, dp)
-        if dp.is_main and start and not resume:
+        if start and not resume:
             checkpoint(start)
         progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
         for step in range(start, t.max_steps):
@@ -177,16 +181,16 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
             if logger is not None:
                 _log_step(run, logger, best, step + 1, metrics, params)
             periodic = t.save_steps and (step + 1) % t.save_steps == 0
-            if dp.is_main and step + 1 < t.max_steps and (periodic or stop.requested):
+            if step + 1 < t.max_steps and (periodic or stop.requested):
                 checkpoint(step + 1)
             if stop.requested and step + 1 < t.max_steps:
                 progress.close()
                 logger.close()
                 raise TrainingInterrupted(run_dir, step + 1, t.max_steps)
     progress.close()
+    checkpoint(t.max_steps)  # the last step's state, for a --resume that trains on
     if dp.is_main:
         logger.close()
-        checkpoint(t.max_steps)  # the last step's state, for a --resume that trains on
         if best is not None:
             _keep_best(best, params, run.gate, t.max_steps)
         _save_artefacts(run, run_dir)

@@ -154,16 +154,21 @@ def test_dpo_baseline_trains_under_torchrun(tmp_path):
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) < 1e-4
 
 
-def test_kill_nine_then_resume_on_two_processes_and_on_one(runs, tmp_path):
+@pytest.mark.parametrize("case", ["lora-routed", "dropout"])
+def test_kill_nine_then_resume_on_two_processes_and_on_one(runs, tmp_path, case):
     """Process 1 of a two-process run is killed (SIGKILL) before step 8 of 10 (checkpoints every 3 steps; torchrun
     then stops process 0 too). ``--resume`` with two processes ends bit for bit where the uninterrupted
     two-process run ends; ``--resume`` of a copy with one process within the float32 tolerance above (a checkpoint
-    holds full parameters and optimizer state, and the batches and draws follow from the step, not the rank)."""
+    holds full parameters and optimizer state, and the batches and draws follow from the step, not the rank).
+    ``dropout``: LoRA dropout draws from each process's own random stream, so each rank resumes its own (with rank
+    0's on every rank, as before, the resumed run left the uninterrupted one); one process draws other masks."""
     root, settings = runs
-    name = "lora-routed"  # the baselines and draws of the sparse schedule must resume too
-    crashed = tmp_path / "crashed"
-    overrides = [f"train.output_dir={crashed}", *settings[name], "train.save_steps=3"]
-    (tmp_path / "kill.json").write_text(json.dumps([{"overrides": overrides, "kill": [1, 7]}]))
+    overrides = settings["lora-routed"] + (["experts.lora_dropout=0.1"] if case == "dropout" else [])
+    crashed, whole = tmp_path / "crashed", tmp_path / "whole"
+    listing = [{"overrides": [f"train.output_dir={crashed}", *overrides, "train.save_steps=3"], "kill": [1, 7]}]
+    if case == "dropout":  # the uninterrupted run first, in the same launch
+        listing.insert(0, [f"train.output_dir={whole}", *overrides, "train.save_steps=3"])
+    (tmp_path / "kill.json").write_text(json.dumps(listing))
     script = str(Path(__file__).with_name("two_process_runs.py"))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"]
     result = subprocess.run([*command, script, str(tmp_path / "kill.json")], env=ENV, capture_output=True, text=True)
@@ -172,11 +177,14 @@ def test_kill_nine_then_resume_on_two_processes_and_on_one(runs, tmp_path):
     assert step in (3, 6) and not (crashed / "gate.safetensors").exists()
     shutil.copytree(crashed, tmp_path / "copy")
     torchrun("-m", "moedpo.cli", "train", "--config", str(crashed / "config.yaml"), "--resume", port=29536)
-    train(load_config(tmp_path / "copy" / "config.yaml", [f"train.output_dir={tmp_path / 'copy'}"]), resume=True)
-    expected = load_file(root / "two" / name / "checkpoint" / "params.safetensors")
+    uninterrupted = whole if case == "dropout" else root / "two" / case
+    expected = load_file(uninterrupted / "checkpoint" / "params.safetensors")
     same_size = load_file(crashed / "checkpoint" / "params.safetensors")
-    one = load_file(tmp_path / "copy" / "checkpoint" / "params.safetensors")
     assert all(torch.equal(expected[k], same_size[k]) for k in expected)
+    if case == "dropout":
+        return
+    train(load_config(tmp_path / "copy" / "config.yaml", [f"train.output_dir={tmp_path / 'copy'}"]), resume=True)
+    one = load_file(tmp_path / "copy" / "checkpoint" / "params.safetensors")
     assert max((expected[k] - one[k]).abs().max().item() for k in expected) < 1e-4
 
 
@@ -191,3 +199,17 @@ def test_sft_under_torchrun_fine_tunes_once_on_rank_0(tmp_path):
     assert result.stdout.count("model folder:") == 1 and "rank 1 leaves the fine-tune to rank 0" in result.stderr
     assert result.stderr.count("sft: step 3/3") == 1
     assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+
+
+def test_parallel_ddp_in_one_process_ends_where_no_parallelism_ends(tmp_path):
+    """``train.parallel=ddp`` without a launcher: DDP's route in a process group of one, bit for bit the run
+    without it (the sum over one process is the identity; the draws do not depend on the engine)."""
+    data = tmp_path / "prefs.jsonl"
+    write_unequal_annotators(data)
+    settings = [f"data.source={data}", *SETTINGS, "em.schedule=gumbel", "experts.init_std=0.3"]
+    plain = train(load_config(overrides=[f"train.output_dir={tmp_path / 'plain'}", *settings]))
+    ddp = train(load_config(overrides=[f"train.output_dir={tmp_path / 'ddp'}", "train.parallel=ddp", *settings]))
+    assert read_metrics(ddp)[-1]["world_size"] == 1
+    expected, got = (load_file(run / "checkpoint" / "params.safetensors") for run in (plain, ddp))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not torch.distributed.is_initialized()  # the group it started is closed
