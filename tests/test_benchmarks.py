@@ -29,6 +29,14 @@ def test_parallel_check_asserts_ddp_equals_no_parallelism():
     assert out.count("loss gap 0.0e+00") == 4 and "heads gumbel" in out
 
 
+@pytest.mark.slow
+def test_memory_model_holds_on_a_check_shape():
+    """docs/scaling.md's memory model against the profiler's peak on a shape it was not fitted on (asserted inside,
+    within 15%; about 30 s)."""
+    out = run("memory_model.py", "--shapes", "2")
+    assert "(check): measured" in out
+
+
 def test_vs_trl_runs(tmp_path):
     rows = ["heads top_layers=2, K=1", "heads top_layers=2, K=4, guide"]
     out = run("vs_trl.py", "--shape", "small", "--steps", "2", "--warmup", "0", "--rounds", "1", "--out",
