@@ -113,6 +113,7 @@ class TrainConfig:
     greater_is_better: bool | None = None  # empty: lower is better for names ending in loss or nll, else higher
     dpo_baseline: bool = False  # also train one DPO policy (K=1) on the same data, in RUN/dpo, for the report
     parallel: str = "auto"  # auto (DDP under torchrun) | ddp (DDP also in one process: a group of one); no fsdp yet
+    ddp_timeout: int = 1800  # seconds a process waits in a collective (transformers' name), e.g. while rank 0 reports
 
 
 @dataclass
@@ -359,6 +360,7 @@ def validate(config: Config) -> None:
         (0 <= config.data.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)"),
         (0 <= config.experts.lora_dropout < 1, "experts.lora_dropout", "a number in [0, 1)"),
         (config.train.max_steps >= 1, "train.max_steps", "an integer >= 1"),
+        (config.train.ddp_timeout > 0, "train.ddp_timeout", "seconds > 0"),
         (config.train.learning_rate >= 0, "train.learning_rate", "a number >= 0"),
         (config.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "an integer >= 1"),
         (config.train.per_device_train_batch_size >= 1, "train.per_device_train_batch_size", "an integer >= 1"),

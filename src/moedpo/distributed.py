@@ -11,6 +11,7 @@ of ``gumbel`` and ``routed`` are per unit (:mod:`moedpo.inference.draws`). Rank 
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 
@@ -26,7 +27,7 @@ class DataParallel:
     it costs). The process group is started here unless the caller started it (then the caller closes it: a nested
     ``train``, the DPO baseline, leaves it open)."""
 
-    def __init__(self, parallel: str = "auto"):
+    def __init__(self, parallel: str = "auto", timeout: float = 1800):
         if parallel not in ("auto", "ddp"):
             raise ValueError(f"parallel={parallel!r}: expected auto or ddp")
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -36,10 +37,11 @@ class DataParallel:
         self.owns_group = self.enabled and not dist.is_initialized()
         self._gradients: GradientSync | None = None
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        wait = datetime.timedelta(seconds=timeout)  # rank 0 evaluates and reports while the others wait
         if self.owns_group and self.world_size > 1:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=wait)
         elif self.owns_group:  # one process, no launcher: an in-memory store
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
 
     @property
     def is_main(self) -> bool:

@@ -97,7 +97,7 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         config = load_config(config, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
     elif overrides:
         raise ValueError("pass overrides with a config path or None, or edit the Config object")
-    t, dp = config.train, DataParallel(config.train.parallel)
+    t, dp = config.train, DataParallel(config.train.parallel, config.train.ddp_timeout)
     resolve_rewards(config)  # a misspelt report.rewards fails now, not after training
     resolve_report_to(t.report_to)  # and a tracker that is not installed
     _absolute_paths(config)  # the run directory must work from any working directory
