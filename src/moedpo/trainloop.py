@@ -61,21 +61,43 @@ def loop_parts(run: Run, dp: DataParallel) -> LoopParts:
 
 def reference_once(run: Run, run_dir: Path, dp: DataParallel) -> None:
     """Reference log-probs of every example, computed once per dataset and kept with the run (``--resume``, later
-    epochs and every K of ``num_experts=auto`` reuse them; no training step runs the reference model)."""
+    epochs and every K of ``num_experts=auto`` reuse them; no training step runs the reference model). Under
+    torchrun each process computes every N-th example and reads the others' share from the run directory."""
     path = run_dir / REFERENCE_FILE
     if path.exists():
         run.bank.load_reference_state(load_file(path))
         return
     examples = run.data.train + run.data.eval
-    bar = tqdm(total=len(examples), desc="reference log-probs", disable=not (dp.is_main and sys.stderr.isatty()))
-    run.bank.precompute_reference(examples, run.tokenizer.pad_token_id, progress=bar.update)
+    mine = examples[dp.rank :: dp.world_size]
+    bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (dp.is_main and sys.stderr.isatty()))
+    run.bank.precompute_reference(mine, run.tokenizer.pad_token_id, progress=bar.update)
     bar.close()
+    if dp.world_size > 1:
+        _share_reference(run, run_dir, dp)
     if dp.is_main and not sys.stderr.isatty():
         unit = "rankings" if run.data.rankings else "pairs"
-        print(f"moedpo: reference log-probs of {len(examples)} {unit} computed", file=sys.stderr, flush=True)
+        shared = f" ({dp.world_size} processes, each a share)" if dp.world_size > 1 else ""
+        print(f"moedpo: reference log-probs of {len(examples)} {unit} computed{shared}", file=sys.stderr, flush=True)
     if dp.is_main:
         save_file(run.bank.reference_state(), path)
     dp.barrier()
+
+
+def _share_reference(run: Run, run_dir: Path, dp: DataParallel) -> None:
+    """Each process's reference share through the run directory (``reference_logps.safetensors.rank<r>``): every
+    process ends with the whole cache."""
+    parts = [run_dir / f"{REFERENCE_FILE}.rank{r}" for r in range(dp.world_size)]
+    own = run.bank.reference_state()
+    if own:
+        save_file(own, parts[dp.rank])
+    dp.barrier()
+    for rank, part in enumerate(parts):
+        if rank != dp.rank and part.exists():
+            run.bank.load_reference_state(load_file(part))
+    dp.barrier()
+    if dp.is_main:
+        for part in parts:
+            part.unlink(missing_ok=True)
 
 
 def _em_loop(run: Run, optimizer, scheduler, dp: DataParallel) -> VariationalEM:

@@ -99,6 +99,11 @@ def test_two_uneven_processes_match_one(runs, name):
     # its own scale: an entry whose terms nearly cancel turns that rounding into up to ~1e-4 of movement (measured:
     # 2.9e-5 on one entry, mean 1.7e-8). One shard weighted 1.2 instead of 1 gives max 7e-3, mean 5e-4.
     assert worst < 1e-4 and typical < 1e-6, f"max parameter difference {worst:.3g}, mean {typical:.3g}"
+    # each process computed every second example's reference log-probs; the run keeps the whole cache
+    ref_one, ref_two = (load_file(run / "reference_logps.safetensors") for run in (one, two))
+    assert ref_one.keys() == ref_two.keys() and torch.equal(ref_one["index"], ref_two["index"])
+    assert all(torch.allclose(ref_one[k].float(), ref_two[k].float(), atol=1e-5) for k in ref_one)
+    assert not list(two.glob("reference_logps.safetensors.rank*"))
     gate_one, gate_two = load_file(one / "gate.safetensors"), load_file(two / "gate.safetensors")
     assert gate_one.keys() == gate_two.keys()
     for key in gate_one:
