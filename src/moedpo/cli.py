@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import errno
 import json
+import os
 import sys
 import warnings
 
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
         with threads:
             if args.command == "train":
                 run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
-                print(f"run directory: {run_dir}")
+                if os.environ.get("RANK", "0") == "0":  # under torchrun: once
+                    print(f"run directory: {run_dir}")
             elif args.command == "sft":
                 folder = sft(load_config(args.config, args.overrides), resume=args.resume)
                 if folder is not None:  # None: a torchrun rank other than 0

@@ -32,7 +32,10 @@ def output_dir(config: Config, resume: bool, several_processes: bool) -> Path:
     name = config.train.output_dir
     if "{time}" in name:
         if several_processes:
-            raise ConfigError("with several processes, set train.output_dir explicitly (every rank must agree)")
+            raise ConfigError(
+                f"train.output_dir={name}: under torchrun each process would fill {{time}} with its own start time; "
+                "name the folder without {time} (e.g. train.output_dir=runs/my-run)"
+            )
         if resume:
             raise ConfigError("--resume needs the run's own train.output_dir (see its config.yaml)")
         config.train.output_dir = name = name.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))

@@ -71,10 +71,12 @@ def save_checkpoint(
     scheduler,
     loop_state: dict | None = None,
     rng_states: list[dict] | None = None,
+    info: dict | None = None,
 ) -> None:
     """Write everything a resumed run needs, atomically (tmp folder + renames). ``loop_state``: plain JSON of the
     EM loop (the routed schedule's baselines); ``rng_states``: every process's :func:`rng_state`, by rank (default:
-    this process's), in ``rng.pt`` (rank 0) and ``rng_rank<r>.pt``."""
+    this process's), in ``rng.pt`` (rank 0) and ``rng_rank<r>.pt``; ``info``: plain JSON kept in ``state.json``
+    beside the step (e.g. the world size and per-device batch it was saved under)."""
 
     def write(tmp: Path) -> None:
         _save_tensors(tmp, params, gate_state)
@@ -85,7 +87,7 @@ def save_checkpoint(
         for rank, state in enumerate(states[1:], 1):
             torch.save(state, tmp / f"rng_rank{rank}.pt")
         (tmp / "loop.json").write_text(json.dumps(loop_state or {}))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "complete": True}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "complete": True, **(info or {})}))
 
     _write_atomically(run_dir, CHECKPOINT, write)
 

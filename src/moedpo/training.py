@@ -102,8 +102,10 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
     resolve_report_to(t.report_to)  # and a tracker that is not installed
     _absolute_paths(config)  # the run directory must work from any working directory
     run_dir = rundir.output_dir(config, resume, dp.world_size > 1)
-    if dp.is_main:  # before the scratch reference and the data, which can take minutes
-        rundir.check(run_dir, resume, t.overwrite)
+    rundir.check(run_dir, resume, t.overwrite)  # before the scratch reference and the data, which can take minutes;
+    if resume:
+        _keep_global_batch(config, find_checkpoint(run_dir), dp)
+    dp.barrier()  # on every process (it only reads), so all of them stop with the same message, before any writes
     with cpu_threads(t.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) as threads:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
@@ -118,6 +120,32 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
                 _announce(run, run_dir, threads)
             dp.barrier()
             return _train(run, run_dir, resume, dp, kselection.candidates(config, run.data) if auto else None)
+
+
+def _keep_global_batch(config: Config, checkpoint: Path, dp: DataParallel) -> None:
+    """Pair scope: a ``--resume`` on another number of processes keeps the checkpoint's global batch (processes x
+    ``per_device_train_batch_size``), with the per-device batch that makes it, and says so; else every step after
+    the resume would see other batches than the run it continues. (User scope's ``users_per_batch`` is global.)"""
+    state = json.loads((checkpoint / "state.json").read_text())
+    if config.em.scope != "pair" or "world_size" not in state:
+        return
+    t, saved = config.train, state["world_size"] * state["per_device_train_batch_size"]
+    if saved == dp.world_size * t.per_device_train_batch_size:
+        return
+    if saved % dp.world_size:
+        raise ConfigError(
+            f"--resume: the run took {saved} pairs a step ({state['world_size']} processes x "
+            f"{state['per_device_train_batch_size']}), which {dp.world_size} processes cannot share evenly; resume "
+            "with a number of processes that divides it"
+        )
+    t.per_device_train_batch_size = saved // dp.world_size
+    if dp.is_main:
+        print(
+            f"moedpo: --resume on {dp.world_size} process(es): train.per_device_train_batch_size="
+            f"{t.per_device_train_batch_size}, keeping the run's {saved} pairs a step",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _resolve_auto(config: Config, run_dir: Path, resume: bool) -> tuple[Config, bool]:
@@ -156,6 +184,8 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
     if resume:
         path = find_checkpoint(run_dir)
         start = loop.num_steps = load_checkpoint(path, params, run.gate, optimizer, scheduler, loop, rank=dp.rank)
+        if dp.is_main:
+            print(f"moedpo: --resume: step {start} of {t.max_steps} from {path}", file=sys.stderr, flush=True)
     if (resume or chosen is not None) and dp.is_main:  # only now that the checkpoint fits, or K is known
         notes = (f"em.scope={config.em.scope}; {run.data.split}",)
         notes += (chosen.selection.line().removeprefix("moedpo: "),) if chosen is not None else ()
@@ -166,7 +196,9 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
     def checkpoint(step: int) -> None:  # on every process at the same steps: each one's random state goes in
         rngs = dp.gather(rng_state())
         if dp.is_main:
-            save_checkpoint(run_dir, step, params, run.gate.state_dict(), optimizer, scheduler, loop.state_dict(), rngs)
+            info = {"world_size": dp.world_size, "per_device_train_batch_size": t.per_device_train_batch_size}
+            state = (run.gate.state_dict(), optimizer, scheduler, loop.state_dict(), rngs, info)
+            save_checkpoint(run_dir, step, params, *state)
 
     with StopRequest(enabled=dp.world_size == 1) as stop:
         if chosen is not None:

@@ -184,7 +184,7 @@ class VariationalEM:
         self.metrics = {
             "loss": self._global_sum(sum(r["loss"] for r in records)) / total,
             **({"grad_norm": self.grad_norm} if self.clip_grad_norm is not None else {}),
-            **summarise(records),  # this process's micro-batches
+            **summarise([r for part in self._gather(records) for r in part]),  # every process's micro-batches
         }
         if self.loss_type != "sigmoid":
             self.metrics["em/marginal_nll"] = self._global_sum(sum(r["em/marginal_nll"] for r in records)) / total

@@ -95,7 +95,8 @@ def routed_record(q, drawn, route, h, gate_logits, elbo: float, out: dict | None
 
 
 def summarise(records: list[dict]) -> dict:
-    """Means over pairs (rewards, accuracies) or latent units (usage, entropy) of this process's records."""
+    """Means over pairs (rewards, accuracies) or latent units (usage, entropy) of the records (the loop passes every
+    process's)."""
     if not records:
         return {}
     pairs, units = sum(r["pairs"] for r in records), sum(r["units"] for r in records)
