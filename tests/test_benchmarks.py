@@ -32,7 +32,7 @@ def test_parallel_check_asserts_ddp_equals_no_parallelism():
 @pytest.mark.slow
 def test_memory_model_holds_on_a_check_shape():
     """docs/scaling.md's memory model against the profiler's peak on a shape it was not fitted on (asserted inside,
-    within 15%; about 30 s)."""
+    within 15%; about 2 minutes on 2 busy cores)."""
     out = run("memory_model.py", "--shapes", "2")
     assert "(check): measured" in out
 

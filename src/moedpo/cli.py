@@ -76,6 +76,10 @@ def main(argv=None) -> int:
     # peft 0.21 calls a renamed transformers helper on every wrap; the warning is theirs and says nothing to users
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
+    rank = int(os.environ.get("RANK", "0"))
+    if rank and args.command in ONE_PROCESS_COMMANDS:  # under torchrun: rank 0 reads and writes the run once
+        print(f"moedpo {args.command}: rank {rank} leaves it to rank 0 (it runs in one process)", file=sys.stderr)
+        return 0
     # train chooses by train.num_threads; the other commands by the cores free now (or OMP_NUM_THREADS)
     threads = contextlib.nullcontext() if args.command in ("train", "config") else cpu_threads(AUTO)
     try:
@@ -119,6 +123,11 @@ def main(argv=None) -> int:
         print(f"moedpo {args.command}: {said}", file=sys.stderr)
         return 130
     return 0
+
+
+# commands that read a finished run and write into it or print: under torchrun they would run once per rank (two
+# reports written into one folder at once); train runs on every rank, sft on rank 0 (moedpo.sft)
+ONE_PROCESS_COMMANDS = ("eval", "report", "generate", "personalize", "export", "config")
 
 
 def _export(args) -> None:

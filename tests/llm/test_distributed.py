@@ -246,3 +246,15 @@ def test_every_process_refuses_a_used_run_directory_before_building(tmp_path):
     assert result.stderr.count("exists and is not empty") == 2, result.stderr[-2000:]
     assert "Connection closed" not in result.stderr and "reference log-probs" not in result.stderr
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_commands_on_a_finished_run_run_once_under_torchrun(runs):
+    """``torchrun ... moedpo.cli report RUN``: one report, written by rank 0; rank 1 says it leaves it. Before, every
+    rank wrote report/ at the same time."""
+    root, _ = runs
+    run = root / "two" / "lora-em"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29539"]
+    result = subprocess.run([*command, "-m", "moedpo.cli", "report", str(run)], env=ENV, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("report:") == 1 and "rank 1 leaves it to rank 0" in result.stderr
