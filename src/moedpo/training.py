@@ -59,25 +59,36 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class StopRequest:
     """Ctrl-C while training: the step in flight finishes, a checkpoint is written, then training stops
-    (:class:`TrainingInterrupted`); a second Ctrl-C stops at once. In one process only (under torchrun every rank
-    would have to stop at the same step) and from the main thread (where Python delivers signals)."""
+    (:class:`TrainingInterrupted`). In one process a second Ctrl-C stops at once. Under torchrun (``several``) the
+    launcher forwards Ctrl-C and then sends SIGTERM, so every rank gets several signals: each only marks the
+    request, the ranks agree on it after each step (:meth:`agreed`, an all-reduce) and stop at the same one, within
+    torchrun's grace period before SIGKILL (30 s). From the main thread only (where Python delivers signals)."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested, self.previous = False, None
+    def __init__(self, several: bool = False):
+        self.enabled = threading.current_thread() is threading.main_thread()
+        self.several = several
+        self.signals = (signal.SIGINT, signal.SIGTERM) if several else (signal.SIGINT,)
+        self.requested, self.previous = False, {}
 
     def __enter__(self) -> StopRequest:
         if self.enabled:
-            self.previous = signal.signal(signal.SIGINT, self._request)
+            self.previous = {sig: signal.signal(sig, self._request) for sig in self.signals}
         return self
 
     def _request(self, signum, frame) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C: the previous handler (KeyboardInterrupt)
+        if not self.several:  # a second Ctrl-C: the previous handler (KeyboardInterrupt)
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+
+    def agreed(self, dp: DataParallel) -> bool:
+        """Whether any process was asked to stop (every process calls this after each step)."""
+        if not self.several:
+            return self.requested
+        return bool(dp.sum(torch.tensor([float(self.requested)])).item() > 0)
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _absolute_paths(config: Config) -> None:
@@ -200,7 +211,7 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
             state = (run.gate.state_dict(), optimizer, scheduler, loop.state_dict(), rngs, info)
             save_checkpoint(run_dir, step, params, *state)
 
-    with StopRequest(enabled=dp.world_size == 1) as stop:
+    with StopRequest(several=dp.world_size > 1) as stop:
         if chosen is not None:
             start = _chosen(chosen, run_dir, logger, dp)
         elif config.em.restarts > 1 and start == 0:
@@ -213,11 +224,14 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
             if logger is not None:
                 _log_step(run, logger, best, step + 1, metrics, params)
             periodic = t.save_steps and (step + 1) % t.save_steps == 0
-            if step + 1 < t.max_steps and (periodic or stop.requested):
+            stopping = stop.agreed(dp)
+            if step + 1 < t.max_steps and (periodic or stopping):
                 checkpoint(step + 1)
-            if stop.requested and step + 1 < t.max_steps:
+            if stopping and step + 1 < t.max_steps:
                 progress.close()
-                logger.close()
+                if logger is not None:
+                    logger.close()
+                dp.close()
                 raise TrainingInterrupted(run_dir, step + 1, t.max_steps)
     progress.close()
     checkpoint(t.max_steps)  # the last step's state, for a --resume that trains on

@@ -5,8 +5,10 @@ shards are uneven, the last batch is short and a shard is empty; and the DPO bas
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +260,29 @@ def test_commands_on_a_finished_run_run_once_under_torchrun(runs):
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("report:") == 1 and "rank 1 leaves it to rank 0" in result.stderr
+
+
+def test_ctrl_c_under_torchrun_checkpoints_the_step_every_rank_stops_at(tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the launch's process group; torchrun forwards it, then sends SIGTERM): the
+    ranks agree to stop after one step, write its checkpoint and print the resume command; --resume finishes. Before,
+    every rank stopped at once and the steps since the last periodic checkpoint were lost."""
+    data = tmp_path / "prefs.jsonl"
+    write_unequal_annotators(data)
+    run = tmp_path / "run"
+    settings = [f"data.source={data}", *SETTINGS, "train.max_steps=3000"]  # save_steps=0: only the stop writes one
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29540"]
+    arguments = [*command, "-m", "moedpo.cli", "train", f"train.output_dir={run}", *settings]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    launch = subprocess.Popen(arguments, env=ENV, start_new_session=True, **pipes)  # its own group, as a terminal
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 5):
+        assert launch.poll() is None and time.time() < deadline, launch.communicate()[1][-2000:]
+        time.sleep(0.2)
+    os.killpg(launch.pid, signal.SIGINT)
+    _, stderr = launch.communicate(timeout=120)
+    assert launch.returncode != 0
+    step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
+    assert 5 <= step < 3000 and f"interrupted after step {step} of 3000" in stderr, stderr[-3000:]
+    assert "Resume with: moedpo train --config" in stderr
+    lines = read_metrics(run)
+    assert lines[-1]["step"] >= step - 1
