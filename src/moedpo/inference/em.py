@@ -243,8 +243,8 @@ class VariationalEM:
             return 0.0
         h, g, beta, obs = args
         users = kwargs["user_index"]
-        keep = self._subset_uniforms(batch, keys, h.shape[0], g.shape[0], h.device)
-        keep = keep[0] < keep[1][users]
+        per_pair, per_user = self._subset_uniforms(batch, keys, h.shape[0], g.shape[0], h.device)
+        keep = per_pair < per_user[users]
         keep[first_pairs(users, g.shape[0])] = True  # every annotator keeps a pair
         sub = {**kwargs, "user_index": users[keep], "guide_features": kwargs["guide_features"][keep]}
         sub_args = (h[keep], g, beta, obs[keep])
@@ -255,13 +255,10 @@ class VariationalEM:
 
     def _subset_uniforms(self, batch, keys, num_pairs: int, num_users: int, device) -> tuple:
         """(per pair, per annotator) uniforms of the guide's subset fit."""
-        index = batch.get("index") if isinstance(batch, dict) else None
-        if keys is None or index is None:
+        pairs, _ = unit_keys(batch, {}, num_pairs)  # the pairs' own keys (None without an index)
+        if keys is None or pairs is None:
             return torch.rand(num_pairs, device=device), torch.rand(num_users, device=device)
-        pairs = [("pair", int(i)) for i in index.tolist()]
-        step = self.draw_index
-        per_pair, per_user = (self.draws.uniform(k, 1, step, "subset")[:, 0].to(device) for k in (pairs, keys))
-        return per_pair, per_user
+        return tuple(self.draws.uniform(k, 1, self.draw_index, "subset")[:, 0].to(device) for k in (pairs, keys))
 
     def routed_update(self, batch, total: float) -> tuple[dict, EStep, tuple]:
         """Sparse update routed by the guide: no expert runs before z is drawn, then only the drawn one. Returns
