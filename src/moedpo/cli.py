@@ -7,12 +7,12 @@ import argparse
 import contextlib
 import errno
 import json
-import os
 import sys
 import warnings
 
 from moedpo.config import ConfigError, describe, load_config
 from moedpo.data.formats import PreferenceDataError
+from moedpo.distributed import launcher_rank
 from moedpo.eval.report import report
 from moedpo.export import export_merged
 from moedpo.personalize import personalize
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     # peft 0.21 calls a renamed transformers helper on every wrap; the warning is theirs and says nothing to users
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launcher_rank()
     if rank and args.command in ONE_PROCESS_COMMANDS:  # under torchrun: rank 0 reads and writes the run once
         print(f"moedpo {args.command}: rank {rank} leaves it to rank 0 (it runs in one process)", file=sys.stderr)
         return 0
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         with threads:
             if args.command == "train":
                 run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
-                if os.environ.get("RANK", "0") == "0":  # under torchrun: once
+                if rank == 0:  # under torchrun: once
                     print(f"run directory: {run_dir}")
             elif args.command == "sft":
                 folder = sft(load_config(args.config, args.overrides), resume=args.resume)

@@ -21,6 +21,11 @@ import torch.distributed as dist
 from moedpo.experts.loading import resolve_device
 
 
+def launcher_rank() -> int:
+    """This process's rank as torchrun (or accelerate launch) set it; 0 without a launcher."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class DataParallel:
     """World size, rank and the collectives the loop needs; a no-op in a single process unless ``parallel="ddp"``
     (``train.parallel``), which runs the same DDP route in a process group of one (to check a setup, or measure what
@@ -31,7 +36,7 @@ class DataParallel:
         if parallel not in ("auto", "ddp"):
             raise ValueError(f"parallel={parallel!r}: expected auto or ddp")
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank = launcher_rank()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world_size > 1 or parallel == "ddp"
         self.owns_group = self.enabled and not dist.is_initialized()

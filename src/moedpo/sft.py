@@ -7,7 +7,6 @@ Under ``torchrun`` the fine-tune runs once, on rank 0, which writes the folder; 
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 from moedpo.assembly import build_base
 from moedpo.config import Config, load_config, save_config
 from moedpo.data.sources import reference_rows
+from moedpo.distributed import launcher_rank
 from moedpo.reference.finetune import fine_tune
 
 
@@ -26,7 +26,7 @@ def sft(config: Config | str | Path | None = None, resume: bool = False) -> Path
     ``torchrun`` rank other than 0)."""
     if not isinstance(config, Config):
         config = load_config(config)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launcher_rank()
     if rank != 0:
         print(f"moedpo sft: rank {rank} leaves the fine-tune to rank 0, which writes the model folder", file=sys.stderr)
         return None
