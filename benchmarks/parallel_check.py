@@ -1,12 +1,12 @@
-"""DDP (``train.parallel=ddp``) in a process group of one against no parallelism, asserted, in the same process:
-the same loss curve and parameters, and the step time as a ratio (what the engine costs where it has nothing to
-reduce across).
+"""DDP and FSDP2 (``train.parallel=ddp`` / ``fsdp``) in a process group of one against no parallelism, asserted, in
+the same process: the same loss curve and parameters, and the step time as a ratio (what the engine costs where it
+has nothing to reduce across; fsdp: its all-gathers, reduce-scatters and the lockstep protocol).
 
     python benchmarks/parallel_check.py                      # CPU (gloo), tiny model
     python benchmarks/parallel_check.py --device cuda --hidden 1024 --layers 8 --seq 256 --batch 16   # NCCL
 
 For each mode (lora, heads) and schedule (em, gumbel: sparse, draws keyed per pair), both runs start from the same
-parameters and see the same batches. DDP's sum over one process returns each gradient as it was, so losses must
+parameters and see the same batches. A sum over one process returns each gradient as it was, so losses must
 agree within LOSS_TOL and parameters within PARAM_TOL (AdamW on equal gradients; any slack is the bucket copy).
 """
 
@@ -36,6 +36,8 @@ def run(args, mode, schedule, sync):
     options = {"top_layers": max(1, args.layers // 4)} if mode == "heads" else {}
     dtype = torch.bfloat16 if args.device.startswith("cuda") and not args.fp32 else None
     bank = bank_cls(model, args.experts, autocast_dtype=dtype, init_std=0.3, **options)
+    if sync is not None:
+        sync.shard_experts(bank)  # fsdp: the decoder layers sharded (over one process); ddp: nothing
     gate = FixedGate(args.experts).to(args.device)
     params = list(bank.trainable_parameters().values()) + list(gate.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -52,7 +54,8 @@ def run(args, mode, schedule, sync):
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    return losses, [p.detach().float().clone() for p in params], seconds
+    whole = sync.full_tensors(dict(enumerate(params))).values() if sync is not None else params
+    return losses, [p.detach().float().clone() for p in whole], seconds
 
 
 def main():
@@ -69,20 +72,24 @@ def main():
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     args = parser.parse_args()
     ddp = DataParallel("ddp")  # a process group of one (gloo on CPU, NCCL on CUDA)
+    engines = {"ddp": ddp, "fsdp": DataParallel("fsdp")}  # the second in the group the first started
     shape = f"{args.layers} layers x {args.hidden}, {args.batch} pairs x {args.seq}"
     print(f"device {args.device}, K={args.experts}, {shape}")
     for mode in ("lora", "heads"):
         for schedule in ("em", "gumbel"):
             plain_losses, plain_params, plain_time = run(args, mode, schedule, None)
-            ddp_losses, ddp_params, ddp_time = run(args, mode, schedule, ddp)
-            loss_gap = max(abs(a - b) for a, b in zip(plain_losses, ddp_losses))
-            param_gap = max((a - b).abs().max().item() for a, b in zip(plain_params, ddp_params))
-            print(
-                f"{mode:5s} {schedule:6s}: step {plain_time * 1e3:7.1f} ms plain, {ddp_time * 1e3:7.1f} ms ddp "
-                f"(x{ddp_time / plain_time:.2f}); loss gap {loss_gap:.1e}, parameter gap {param_gap:.1e}"
-            )
-            assert loss_gap <= LOSS_TOL, f"{mode} {schedule}: DDP's loss curve is {loss_gap:.2e} off"
-            assert param_gap <= PARAM_TOL, f"{mode} {schedule}: DDP's parameters are {param_gap:.2e} off"
+            for name, engine in engines.items():
+                losses, params, seconds = run(args, mode, schedule, engine)
+                loss_gap = max(abs(a - b) for a, b in zip(plain_losses, losses))
+                param_gap = max((a - b).abs().max().item() for a, b in zip(plain_params, params))
+                print(
+                    f"{mode:5s} {schedule:6s}: step {plain_time * 1e3:7.1f} ms plain, "
+                    f"{seconds * 1e3:7.1f} ms {name:4s} (x{seconds / plain_time:.2f}); "
+                    f"loss gap {loss_gap:.1e}, parameter gap {param_gap:.1e}"
+                )
+                assert loss_gap <= LOSS_TOL, f"{mode} {schedule}: {name}'s loss curve is {loss_gap:.2e} off"
+                assert param_gap <= PARAM_TOL, f"{mode} {schedule}: {name}'s parameters are {param_gap:.2e} off"
+    engines["fsdp"].close()
     ddp.close()
 
 

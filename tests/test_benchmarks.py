@@ -23,10 +23,11 @@ def test_step_cost_runs():
     assert "lora-sparse" in out and "x K=1" in out
 
 
-def test_parallel_check_asserts_ddp_equals_no_parallelism():
-    """DDP in a group of one (gloo) against no parallelism, lora and heads, em and gumbel: asserted inside."""
+def test_parallel_check_asserts_ddp_and_fsdp_equal_no_parallelism():
+    """DDP and FSDP2 in a group of one (gloo) against no parallelism, lora and heads, em and gumbel: asserted
+    inside."""
     out = run("parallel_check.py", "--steps", "1", "--warmup", "1", "--experts", "2")
-    assert out.count("loss gap 0.0e+00") == 4 and "heads gumbel" in out
+    assert out.count("loss gap 0.0e+00") == 8 and out.count(" fsdp (x") == 4 and "heads gumbel" in out
 
 
 @pytest.mark.slow

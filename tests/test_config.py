@@ -15,7 +15,7 @@ from moedpo.config import ConfigError, load_config
         ("em.label_smoothing=0.5", "em.label_smoothing=0.5: expected a number in \\[0, 0.5\\)"),
         ("train.max_steps=0", "train.max_steps=0: expected an integer >= 1"),
         ("train.ddp_timeout=0", "train.ddp_timeout=0: expected seconds > 0"),
-        ("train.parallel=fsdp", "train.parallel='fsdp': expected one of"),
+        ("train.parallel=deepspeed", "train.parallel='deepspeed': expected one of"),
         ("train.loss_type=kto", "train.loss_type='kto': expected one of"),
     ],
 )

@@ -7,6 +7,17 @@ PyTorch's ``DistributedDataParallel`` sums the gradients (bucketed, a comm hook 
 N processes take the same steps as one process with the whole batch, also when shards are unequal or empty. A
 parameter that no process's pairs reached keeps no gradient, as in one process: AdamW leaves it alone. The draws
 of ``gumbel`` and ``routed`` are per unit (:mod:`moedpo.inference.draws`). Rank 0 writes the run directory.
+
+``parallel="fsdp"`` shards each decoder layer of the experts' base with FSDP2 (``fully_shard``), after every
+adapter and head exists: a layer's weights, its LoRA experts and their optimizer state live 1/N on each process,
+gathered for each forward and backward; its gradients are reduce-scattered as sums. The rest (embeddings, final
+norm, the output head and its LoRA, gate, guide) stays whole on every process, its gradients summed by DDP as
+above: the fused head reads the head's weight outside the head's forward, where FSDP2 cannot gather it. A sharded
+layer's collectives need every process to run the same forwards and backwards, so the bank runs in lockstep
+(``ExpertBank.lockstep``): an expert that any process runs, every process runs (on a placeholder pair with zero
+gradient where it has none), and a process with no pairs in a micro-batch mirrors the others' passes
+(``ExpertBank.idle``). Evaluation runs on every process, the same batches. Checkpoints go through
+``torch.distributed.checkpoint`` (:mod:`moedpo.sharded`).
 """
 
 from __future__ import annotations
@@ -17,6 +28,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from moedpo.experts.loading import resolve_device
 
@@ -26,19 +40,23 @@ def launcher_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+PARALLEL = ("auto", "ddp", "fsdp")
+
+
 class DataParallel:
-    """World size, rank and the collectives the loop needs; a no-op in a single process unless ``parallel="ddp"``
-    (``train.parallel``), which runs the same DDP route in a process group of one (to check a setup, or measure what
-    it costs). The process group is started here unless the caller started it (then the caller closes it: a nested
-    ``train``, the DPO baseline, leaves it open)."""
+    """World size, rank and the collectives the loop needs; a no-op in a single process unless ``parallel`` is
+    ``"ddp"`` or ``"fsdp"`` (``train.parallel``), which run the same route in a process group of one (to check a
+    setup, or measure what it costs). The process group is started here unless the caller started it (then the
+    caller closes it: a nested ``train``, the DPO baseline, leaves it open)."""
 
     def __init__(self, parallel: str = "auto", timeout: float = 1800):
-        if parallel not in ("auto", "ddp"):
-            raise ValueError(f"parallel={parallel!r}: expected auto or ddp")
+        if parallel not in PARALLEL:
+            raise ValueError(f"parallel={parallel!r}: expected one of {PARALLEL}")
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = launcher_rank()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world_size > 1 or parallel == "ddp"
+        self.enabled = self.world_size > 1 or parallel != "auto"
+        self.fsdp = parallel == "fsdp"
         self.owns_group = self.enabled and not dist.is_initialized()
         self._gradients: GradientSync | None = None
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -58,6 +76,33 @@ class DataParallel:
             return torch.device(f"cuda:{self.local_rank}")
         return resolve_device(name)
 
+    def shard_experts(self, bank) -> None:
+        """``fsdp``: ``fully_shard`` each decoder layer of the bank's base (all adapters exist by now), its
+        gradients reduce-scattered as sums; the bank's parameters re-read (FSDP2 replaces them by sharded ones) and
+        its passes put in lockstep. A no-op otherwise."""
+        if not self.fsdp:
+            return
+        if not hasattr(bank, "decoder_layers"):
+            raise ValueError(
+                f"train.parallel=fsdp shards the decoder layers of one base; {type(bank).__name__} has none "
+                "(use experts.mode=lora or heads)"
+            )
+        device = bank.device.type
+        mesh = init_device_mesh(device, (self.world_size,))
+        for layer in bank.decoder_layers():
+            # each layer is its own root: FSDP2 would keep a root gathered after its forward, and a restart's
+            # restored parameters would then not reach the next forward (em.restarts: 0.04 off)
+            fully_shard(layer, mesh=mesh, mp_policy=_precision(layer), reshard_after_forward=True)
+            layer.set_gradient_divide_factor(1.0)  # the loop already divides by the global number of pairs
+            layer.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
+        bank.refresh_parameters()
+        bank.lockstep = self
+        bank.reuse_graph = False  # each expert's forward gets its own backward: FSDP2 misses gradients otherwise
+
+    def full_tensors(self, params: dict) -> dict[str, torch.Tensor]:
+        """Name -> the whole tensor of each parameter, gathered where it is sharded (every process calls this)."""
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in params.items()}
+
     def shard(self, units: list) -> list:
         """This process's share of one global batch's units."""
         return units[self.rank :: self.world_size]
@@ -66,7 +111,8 @@ class DataParallel:
         """Before an update's first backward (every process at the same point): DDP's hooks on ``params`` (the
         optimizer's), built once (:class:`GradientSync`), note which of them this process's backwards reach."""
         params = list(params)
-        if self.enabled and (self._gradients is None or not self._gradients.covers(params)):
+        params = [p for p in params if not isinstance(p, DTensor)]  # FSDP reduces the sharded ones
+        if self.enabled and params and (self._gradients is None or not self._gradients.covers(params)):
             self._gradients = GradientSync(params)
 
     def sum_gradients(self, params) -> None:
@@ -75,7 +121,10 @@ class DataParallel:
         the global mean."""
         if not self.enabled:
             return
-        if self._gradients is None or not self._gradients.covers(list(params)):
+        params = [p for p in params if not isinstance(p, DTensor)]
+        if not params:
+            return
+        if self._gradients is None or not self._gradients.covers(params):
             raise RuntimeError("call watch(params) before the backwards whose gradients sum_gradients sums")
         self._gradients.sum_gradients()
 
@@ -105,6 +154,16 @@ class DataParallel:
             gc.collect()  # DDP's Python side holds reference cycles
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _precision(layer: torch.nn.Module) -> MixedPrecisionPolicy:
+    """FSDP2 gathers a layer in one dtype: a bf16 base with float32 LoRA experts computes in bf16 and reduces the
+    gradients in float32 (the optimizer's float32 LoRA weights stay float32)."""
+    dtypes = {p.dtype for p in layer.parameters()}
+    if len(dtypes) == 1:
+        return MixedPrecisionPolicy()
+    low = min(dtypes, key=lambda d: torch.finfo(d).bits)
+    return MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
 
 
 class _Trainables(torch.nn.Module):

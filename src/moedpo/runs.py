@@ -3,7 +3,8 @@
     config.yaml  metrics.jsonl  experts/expert_<k>/  gate.safetensors  users.json  base/ (builtin model)
     data.json (tokenized splits: eval and generate need no original file)  reference_logps.safetensors
     checkpoint/  (params.safetensors, gate.safetensors, optimizer.pt, scheduler.pt, rng.pt, rng_rank<r>.pt under
-                  torchrun, loop.json, state.json)
+                  torchrun, loop.json, state.json; under fsdp dcp/ holds the parameters and optimizer state in
+                  shards instead of optimizer.pt, and params.safetensors the whole parameters)
     best/  (``train.load_best_model_at_end``: params.safetensors, gate.safetensors, state.json of the kept step)
     personalized/<user>.json  (new annotators' posteriors, ``moedpo personalize``)  report/
 
@@ -23,11 +24,14 @@ from urllib.parse import quote
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from moedpo.config import ConfigError
+from moedpo.sharded import SHARDED_DIR, load_sharded
 
 CHECKPOINT = "checkpoint"
+GROUPS_FILE = "param_groups.json"  # a sharded checkpoint's optimizer settings (its state is in dcp/)
 BEST = "best"
 DATA_FILE = "data.json"
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -72,15 +76,21 @@ def save_checkpoint(
     loop_state: dict | None = None,
     rng_states: list[dict] | None = None,
     info: dict | None = None,
+    sharded: bool = False,
 ) -> None:
     """Write everything a resumed run needs, atomically (tmp folder + renames). ``loop_state``: plain JSON of the
     EM loop (the routed schedule's baselines); ``rng_states``: every process's :func:`rng_state`, by rank (default:
     this process's), in ``rng.pt`` (rank 0) and ``rng_rank<r>.pt``; ``info``: plain JSON kept in ``state.json``
-    beside the step (e.g. the world size and per-device batch it was saved under)."""
+    beside the step (e.g. the world size and per-device batch it was saved under); ``sharded``: the processes wrote the
+    parameters and optimizer state into ``checkpoint.tmp/dcp`` already (:func:`pending_checkpoint`), and the
+    optimizer's settings (learning rate ...) go in ``param_groups.json``."""
 
     def write(tmp: Path) -> None:
         _save_tensors(tmp, params, gate_state)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if sharded:  # each process wrote its shards of the state into tmp/dcp (moedpo.sharded); here its settings
+            (tmp / GROUPS_FILE).write_text(json.dumps(param_group_settings(optimizer)))
+        else:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         states = rng_states or [rng_state()]
         torch.save(states[0], tmp / "rng.pt")
@@ -89,7 +99,17 @@ def save_checkpoint(
         (tmp / "loop.json").write_text(json.dumps(loop_state or {}))
         (tmp / "state.json").write_text(json.dumps({"step": step, "complete": True, **(info or {})}))
 
-    _write_atomically(run_dir, CHECKPOINT, write)
+    _write_atomically(run_dir, CHECKPOINT, write, fresh=not sharded)
+
+
+def pending_checkpoint(run_dir: Path, fresh: bool) -> Path:
+    """``RUN/checkpoint.tmp``, where a checkpoint is written before it replaces ``RUN/checkpoint`` (``fresh``:
+    emptied and made now, by the one process that does it, before the others write their shards into it)."""
+    tmp = run_dir / f"{CHECKPOINT}.tmp"
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    return tmp
 
 
 def _save_tensors(folder: Path, params: dict, gate_state: dict) -> None:
@@ -100,11 +120,13 @@ def _save_tensors(folder: Path, params: dict, gate_state: dict) -> None:
 FULL_DISK_BYTES = 64 * 2**20  # a checkpoint write that fails with less free than this is taken as a full disk
 
 
-def _write_atomically(run_dir: Path, name: str, write) -> None:
-    """``write(tmp)`` fills ``RUN/<name>.tmp``, which then replaces ``RUN/<name>`` by renames."""
+def _write_atomically(run_dir: Path, name: str, write, fresh: bool = True) -> None:
+    """``write(tmp)`` fills ``RUN/<name>.tmp`` (made now, or, not ``fresh``, already holding the shards), which then
+    replaces ``RUN/<name>`` by renames."""
     tmp, final, old = run_dir / f"{name}.tmp", run_dir / name, run_dir / f"{name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
         write(tmp)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
@@ -210,13 +232,11 @@ def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler, loop=N
     """Restore parameters, gate, optimizer, scheduler, RNG and the EM loop's state in place; returns the step.
     ``rank`` takes that process's random state where the checkpoint has one (a run saved with as many processes or
     more), else rank 0's."""
-    restore_parameters(path, params)
+    if (path / SHARDED_DIR).exists():  # written under fsdp: DCP reshards it to this run, sharded or whole
+        _load_sharded(path, params, optimizer)
+    else:
+        _load_whole(path, params, optimizer)
     gate.load_state_dict(load_file(path / "gate.safetensors"))
-    try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    except ValueError as err:  # parameter groups of other sizes: another optimizer layout
-        problem = f"the optimizer state does not fit this run ({err}); resume with its own config.yaml"
-        raise ConfigError(f"{path}: {problem}") from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     own = path / f"rng_rank{rank}.pt"
     rng = torch.load(own if rank and own.exists() else path / "rng.pt", weights_only=True)
@@ -227,6 +247,39 @@ def load_checkpoint(path: Path, params: dict, gate, optimizer, scheduler, loop=N
     if loop is not None and (path / "loop.json").exists():
         loop.load_state_dict(json.loads((path / "loop.json").read_text()))
     return json.loads((path / "state.json").read_text())["step"]
+
+
+def _load_whole(path: Path, params: dict, optimizer) -> None:
+    if any(isinstance(p, DTensor) for p in params.values()):
+        raise ConfigError(
+            f"{path}: this checkpoint was written without train.parallel=fsdp (whole optimizer state, no dcp/); "
+            "resume it with train.parallel=auto or ddp"
+        )
+    restore_parameters(path, params)
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    except ValueError as err:  # parameter groups of other sizes: another optimizer layout
+        problem = f"the optimizer state does not fit this run ({err}); resume with its own config.yaml"
+        raise ConfigError(f"{path}: {problem}") from None
+
+
+def _load_sharded(path: Path, params: dict, optimizer) -> None:
+    try:
+        load_sharded(path / SHARDED_DIR, params, optimizer)
+    except ValueError as err:
+        raise ConfigError(f"{err}: resume with the run's own config.yaml ({path.parent / 'config.yaml'})") from None
+    groups = json.loads((path / GROUPS_FILE).read_text())
+    if len(groups) != len(optimizer.param_groups):
+        found = f"{len(groups)} optimizer parameter groups, this run has {len(optimizer.param_groups)}"
+        raise ConfigError(f"{path}: {found}: resume with the run's own config.yaml")
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def param_group_settings(optimizer) -> list[dict]:
+    """Each parameter group's settings (learning rate, betas, weight decay ...) as plain JSON, without its
+    parameters: what ``optimizer.state_dict()`` keeps besides the state."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
 def _as_python_state(state):

@@ -38,10 +38,12 @@ from moedpo.runs import (
     best_metric,
     find_checkpoint,
     load_checkpoint,
+    pending_checkpoint,
     rng_state,
     save_checkpoint,
 )
 from moedpo.session import RunSession
+from moedpo.sharded import SHARDED_DIR, save_sharded
 from moedpo.threads import cores, cpu_threads
 from moedpo.tracking import MetricsLogger, resolve_report_to
 from moedpo.trainloop import LoopParts, loop_parts, reference_once
@@ -130,7 +132,10 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
                 rundir.prepare(config, run_dir, resume, run.tokenizer, run.base, run.data)
                 _announce(run, run_dir, threads)
             dp.barrier()
-            return _train(run, run_dir, resume, dp, kselection.candidates(config, run.data) if auto else None)
+            try:
+                return _train(run, run_dir, resume, dp, kselection.candidates(config, run.data) if auto else None)
+            finally:  # also when it fails: a group this call started must not outlive it (a caller trains on)
+                dp.close()
 
 
 def _keep_global_batch(config: Config, checkpoint: Path, dp: DataParallel) -> None:
@@ -206,10 +211,15 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
 
     def checkpoint(step: int) -> None:  # on every process at the same steps: each one's random state goes in
         rngs = dp.gather(rng_state())
+        whole = dp.full_tensors(params) if dp.fsdp else params  # params.safetensors: whole, for eval and report
+        if dp.fsdp:  # each process writes its shards of the parameters and optimizer state (DCP)
+            folder = pending_checkpoint(run_dir, fresh=dp.is_main)
+            dp.barrier()
+            save_sharded(folder / SHARDED_DIR, params, optimizer)
         if dp.is_main:
             info = {"world_size": dp.world_size, "per_device_train_batch_size": t.per_device_train_batch_size}
             state = (run.gate.state_dict(), optimizer, scheduler, loop.state_dict(), rngs, info)
-            save_checkpoint(run_dir, step, params, *state)
+            save_checkpoint(run_dir, step, whole, *state, sharded=dp.fsdp)
 
     with StopRequest(several=dp.world_size > 1) as stop:
         if chosen is not None:
@@ -221,8 +231,7 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
         progress = Progress(start, t.max_steps, "moedpo", enabled=dp.is_main)
         for step in range(start, t.max_steps):
             metrics = parts.step(step, progress, step + 1)
-            if logger is not None:
-                _log_step(run, logger, best, step + 1, metrics, params)
+            _log_step(run, logger, best, step + 1, metrics, params)  # every process evaluates: fsdp needs them all
             periodic = t.save_steps and (step + 1) % t.save_steps == 0
             stopping = stop.agreed(dp)
             if step + 1 < t.max_steps and (periodic or stopping):
@@ -235,16 +244,18 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
                 raise TrainingInterrupted(run_dir, step + 1, t.max_steps)
     progress.close()
     checkpoint(t.max_steps)  # the last step's state, for a --resume that trains on
+    experts = dp.full_tensors(run.bank.trainable_parameters()) if dp.fsdp else None  # gathered on every process
     if dp.is_main:
         logger.close()
         if best is not None:
             _keep_best(best, params, run.gate, t.max_steps)
-        _save_artefacts(run, run_dir)
+        _save_artefacts(run, run_dir, experts)
     dp.barrier()
     if t.dpo_baseline and config.experts.num_experts > 1:  # on every process: it trains distributed too
         _train_dpo_baseline(config, run_dir)
-    if dp.is_main:
-        print(f"moedpo: report -> {report(run_dir, RunSession(run_dir, run))}", file=sys.stderr, flush=True)
+    if dp.is_main:  # fsdp: from the saved run (the sharded layers would need every process)
+        session = RunSession(run_dir) if dp.fsdp else RunSession(run_dir, run)
+        print(f"moedpo: report -> {report(run_dir, session)}", file=sys.stderr, flush=True)
     dp.barrier()
     dp.close()
     return run_dir
@@ -294,15 +305,16 @@ def _log_step(run: Run, logger: MetricsLogger, best: BestModel | None, done: int
     evaluation that beats the best so far keeps its parameters in ``RUN/best/``."""
     t = run.config.train
     periodic = bool(t.eval_steps) and done % t.eval_steps == 0
-    evaluating = bool(run.data.eval) and (periodic or (best is not None and done == t.max_steps))
+    evaluating = bool(run.data.eval) and (periodic or (t.load_best_model_at_end and done == t.max_steps))
     if not (evaluating or done % t.logging_steps == 0 or done == t.max_steps):
         return
-    if evaluating:
+    if evaluating:  # on every process (``logger`` and ``best`` are rank 0's, else None)
         held_out = evaluate(run, run.data.train, run.data.eval)[0]
         metrics.update(held_out)
         if best is not None:
             best.update(done, held_out, params, run.gate.state_dict())
-    logger.log(done, metrics)
+    if logger is not None:
+        logger.log(done, metrics)
 
 
 def _keep_best(best: BestModel, params: dict, gate, max_steps: int) -> None:
@@ -318,8 +330,9 @@ def _keep_best(best: BestModel, params: dict, gate, max_steps: int) -> None:
     )
 
 
-def _save_artefacts(run: Run, run_dir: Path) -> None:
-    run.bank.save_experts(run_dir / "experts")
+def _save_artefacts(run: Run, run_dir: Path, experts: dict | None = None) -> None:
+    """The experts' folders (from ``experts``, their gathered tensors, under fsdp), the gate and the guide."""
+    run.bank.save_experts(run_dir / "experts", **({"state_dict": experts} if experts is not None else {}))
     if (run_dir / "base").exists():  # a builtin or scratch base, kept with the run: "../../base", so a moved run
         for adapter in (run_dir / "experts").glob("expert_*/adapter_config.json"):  # directory still finds it
             adapter_config = json.loads(adapter.read_text())

@@ -50,6 +50,7 @@ class LoopParts:
 def loop_parts(run: Run, dp: DataParallel) -> LoopParts:
     """Fresh optimizer, schedule and EM loop over the run's trainable parameters, and its batch plan."""
     t = run.config.train
+    dp.shard_experts(run.bank)  # fsdp: the decoder layers sharded, now that every adapter and head exists
     params = run.trainable_parameters()
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = lr_scheduler(optimizer, t.lr_scheduler_type, t.warmup_steps, t.max_steps)

@@ -1,6 +1,8 @@
 """Two processes (torchrun, gloo) take the same steps as one process with the whole global batch, for the lora and
-heads banks under the em, gumbel and routed schedules, also when the annotators have unequal pair counts, the
-shards are uneven, the last batch is short and a shard is empty; and the DPO baseline trains under torchrun."""
+heads banks under the em, gumbel and routed schedules, with DDP and with FSDP2 (``train.parallel=fsdp``: decoder
+layers sharded), also when the annotators have unequal pair counts, the shards are uneven, the last batch is short
+and a shard is empty; kill -9 and ``--resume`` on two processes and on one; the DPO baseline trains under
+torchrun."""
 
 import json
 import os
@@ -15,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moedpo.config import load_config
+from moedpo.config import ConfigError, load_config
 from moedpo.data.builtin import make_builtin_rows
 from moedpo.runs import read_metrics
 from moedpo.training import train
@@ -41,8 +43,18 @@ RUNS |= {
     "auto-k": ["experts.num_experts=auto", "experts.max_experts=2", "em.restart_steps=3", "data.eval_fraction=0.25"],
     "accumulation": ["train.gradient_accumulation_steps=2"],  # shards of 2 micro-batches, some empty
     "pair-scope": ["em.scope=pair", "train.per_device_train_batch_size=3"],  # 3 pairs per process: 6 a step
+    "routed-3": [*SCHEDULES["routed"], "train.users_per_batch=3"],  # shards of 2 + 1 annotators: 2 experts on one
 }
+SHARDED = {f"fsdp-{name}": [*overrides, "train.parallel=fsdp"] for name, overrides in RUNS.items()}
+RUNS |= SHARDED  # FSDP2: the decoder layers sharded across the two processes, compared with one unsharded process
 ONE_PROCESS = {"pair-scope": ["train.per_device_train_batch_size=6"]}  # the same global batch in one process
+
+
+def one_process_twin(name: str) -> str:
+    """The one-process run a two-process run is compared with (a sharded run's is the unsharded one)."""
+    return name.removeprefix("fsdp-")
+
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -75,7 +87,8 @@ def runs(tmp_path_factory):
     (root / "runs.json").write_text(json.dumps(listing))
     torchrun(str(Path(__file__).with_name("two_process_runs.py")), str(root / "runs.json"), port=29533)
     for name, s in settings.items():
-        train(load_config(overrides=[f"train.output_dir={root / 'one' / name}", *s, *ONE_PROCESS.get(name, [])]))
+        if name not in SHARDED:
+            train(load_config(overrides=[f"train.output_dir={root / 'one' / name}", *s, *ONE_PROCESS.get(name, [])]))
     return root, settings
 
 
@@ -86,7 +99,7 @@ def test_two_uneven_processes_match_one(runs, name):
     but gumbel and routed ended 0.034-0.045 apart on both banks. Turning a missing gradient into zeros alone
     (AdamW then steps experts no pair reached) fails the sparse runs too."""
     root, settings = runs
-    one, two = root / "one" / name, root / "two" / name
+    one, two = root / "one" / one_process_twin(name), root / "two" / name
     lines_one, lines_two = read_metrics(one), read_metrics(two)
     assert lines_two[-1]["world_size"] == 2 and lines_one[-1]["world_size"] == 1
     # every logged metric is over both processes' pairs (before, all but loss, grad_norm and gate/usage were rank
@@ -115,6 +128,15 @@ def test_two_uneven_processes_match_one(runs, name):
     for key in gate_one:
         assert torch.allclose(gate_one[key], gate_two[key], atol=1e-6), key
     assert (two / "experts" / "expert_0" / "adapter_model.safetensors").exists()
+    if name in SHARDED:  # the PEFT folders hold the gathered adapters, not one process's shards
+        adapter_one, adapter_two = (
+            load_file(r / "experts" / "expert_0" / "adapter_model.safetensors") for r in (one, two)
+        )
+        assert adapter_one.keys() == adapter_two.keys()
+        assert all(torch.allclose(adapter_one[k], adapter_two[k], atol=1e-4) for k in adapter_one)
+        assert (two / "checkpoint" / "dcp" / ".metadata").exists() and not (
+            two / "checkpoint" / "optimizer.pt"
+        ).exists()
     if "auto" in name:  # K chosen alike, from scores equal up to float32 rounding
         chose_one, chose_two = (json.loads((run / "k_selection.json").read_text()) for run in (one, two))
         assert chose_one["chosen"] == chose_two["chosen"]
@@ -139,7 +161,7 @@ def test_the_runs_moved_and_sparse_schedules_left_experts_alone(runs):
     )
     start = load_file(initial / "checkpoint" / "params.safetensors")
     for name in RUNS:
-        if name.startswith("heads") or name == "auto-k":  # other parameters (heads; K chosen)
+        if "heads" in name or name == "auto-k" or name in SHARDED:  # other parameters (heads; K chosen); 2 processes
             continue
         end = load_file(root / "one" / name / "checkpoint" / "params.safetensors")
         assert max((end[k] - start[k]).abs().max().item() for k in start) > 1e-3, name
@@ -147,14 +169,19 @@ def test_the_runs_moved_and_sparse_schedules_left_experts_alone(runs):
     assert max((em[k] - routed[k]).abs().max().item() for k in em) > 1e-3
 
 
-def test_dpo_baseline_trains_under_torchrun(tmp_path):
+@pytest.mark.parametrize("parallel", ["auto", "fsdp"])
+def test_dpo_baseline_trains_under_torchrun(tmp_path, parallel):
     """``torchrun -m moedpo.cli train train.dpo_baseline=true``: both runs and the report. Before, rank 0 started
-    the baseline alone while rank 1 closed the group ('Connection closed by peer'), leaving RUN/dpo half-built."""
+    the baseline alone while rank 1 closed the group ('Connection closed by peer'), leaving RUN/dpo half-built.
+    ``fsdp``: held-out evaluation every 2 steps on both processes (the sharded layers need both), the report from
+    the saved run."""
     data = tmp_path / "prefs.jsonl"
     write_unequal_annotators(data)
-    settings = [f"data.source={data}", *SETTINGS, "train.max_steps=4", "data.eval_fraction=0.25"]
-    run = tmp_path / "two"
-    torchrun("-m", "moedpo.cli", "train", f"train.output_dir={run}", "train.dpo_baseline=true", *settings, port=29534)
+    settings = [f"data.source={data}", *SETTINGS, "train.max_steps=4", "data.eval_fraction=0.25", "train.eval_steps=2"]
+    run, sharded = tmp_path / "two", [f"train.parallel={parallel}"]
+    torchrun("-m", "moedpo.cli", "train", f"train.output_dir={run}", "train.dpo_baseline=true", *settings, *sharded,
+             port=29534)  # fmt: skip
+    assert "eval/mixture_nll" in read_metrics(run)[1]
     assert (run / "gate.safetensors").exists() and (run / "dpo" / "gate.safetensors").exists()
     report = (run / "report" / "report.md").read_text()
     assert "| one DPO policy |" in report  # the per-type table's baseline column, read from RUN/dpo
@@ -165,7 +192,7 @@ def test_dpo_baseline_trains_under_torchrun(tmp_path):
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) < 1e-4
 
 
-@pytest.mark.parametrize("case", ["lora-routed", "dropout", "pair-scope"])
+@pytest.mark.parametrize("case", ["lora-routed", "dropout", "pair-scope", "fsdp-lora-routed"])
 def test_kill_nine_then_resume_on_two_processes_and_on_one(runs, tmp_path, case):
     """Process 1 of a two-process run is killed (SIGKILL) before step 8 of 10 (checkpoints every 3 steps; torchrun
     then stops process 0 too). ``--resume`` with two processes ends bit for bit where the uninterrupted
@@ -174,9 +201,10 @@ def test_kill_nine_then_resume_on_two_processes_and_on_one(runs, tmp_path, case)
     ``dropout``: LoRA dropout draws from each process's own random stream, so each rank resumes its own (with rank
     0's on every rank, as before, the resumed run left the uninterrupted one); one process draws other masks.
     ``pair-scope``: 3 pairs per process; resumed on one process the run keeps its 6 pairs a step (before, it went on
-    with 3 and ended 0.016 away)."""
+    with 3 and ended 0.016 away). ``fsdp-lora-routed``: sharded layers, checkpoints through DCP (each process its
+    shards), resumed on two processes, and on one process sharded (a group of one) and unsharded."""
     root, settings = runs
-    overrides = settings["pair-scope" if case == "pair-scope" else "lora-routed"]
+    overrides = settings[case if case in ("pair-scope", "fsdp-lora-routed") else "lora-routed"]
     overrides = overrides + (["experts.lora_dropout=0.1"] if case == "dropout" else [])
     crashed, whole = tmp_path / "crashed", tmp_path / "whole"
     listing = [{"overrides": [f"train.output_dir={crashed}", *overrides, "train.save_steps=3"], "kill": [1, 7]}]
@@ -197,6 +225,12 @@ def test_kill_nine_then_resume_on_two_processes_and_on_one(runs, tmp_path, case)
     assert all(torch.equal(expected[k], same_size[k]) for k in expected)
     if case == "dropout":
         return
+    if case.startswith("fsdp"):  # DCP reshards: the same checkpoint resumed on one process without fsdp too
+        shutil.copytree(tmp_path / "copy", tmp_path / "whole-copy")
+        plain = [f"train.output_dir={tmp_path / 'whole-copy'}", "train.parallel=auto"]
+        train(load_config(tmp_path / "whole-copy" / "config.yaml", plain), resume=True)
+        unsharded = load_file(tmp_path / "whole-copy" / "checkpoint" / "params.safetensors")
+        assert max((expected[k] - unsharded[k]).abs().max().item() for k in expected) < 1e-4
     train(load_config(tmp_path / "copy" / "config.yaml", [f"train.output_dir={tmp_path / 'copy'}"]), resume=True)
     if case == "pair-scope":
         assert (
@@ -220,18 +254,38 @@ def test_sft_under_torchrun_fine_tunes_once_on_rank_0(tmp_path):
     assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
 
 
-def test_parallel_ddp_in_one_process_ends_where_no_parallelism_ends(tmp_path):
-    """``train.parallel=ddp`` without a launcher: DDP's route in a process group of one, bit for bit the run
-    without it (the sum over one process is the identity; the draws do not depend on the engine)."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_parallel_engine_in_one_process_ends_where_no_parallelism_ends(tmp_path, parallel):
+    """``train.parallel=ddp`` or ``fsdp`` without a launcher: the engine's route in a process group of one, bit for
+    bit the run without it (the sum over one process is the identity; the draws do not depend on the engine)."""
     data = tmp_path / "prefs.jsonl"
     write_unequal_annotators(data)
     settings = [f"data.source={data}", *SETTINGS, "em.schedule=gumbel", "experts.init_std=0.3"]
     plain = train(load_config(overrides=[f"train.output_dir={tmp_path / 'plain'}", *settings]))
-    ddp = train(load_config(overrides=[f"train.output_dir={tmp_path / 'ddp'}", "train.parallel=ddp", *settings]))
-    assert read_metrics(ddp)[-1]["world_size"] == 1
-    expected, got = (load_file(run / "checkpoint" / "params.safetensors") for run in (plain, ddp))
+    engine = [f"train.output_dir={tmp_path / parallel}", f"train.parallel={parallel}", *settings]
+    run = train(load_config(overrides=engine))
+    assert read_metrics(run)[-1]["world_size"] == 1
+    expected, got = (load_file(r / "checkpoint" / "params.safetensors") for r in (plain, run))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert not torch.distributed.is_initialized()  # the group it started is closed
+    if parallel == "fsdp":  # a checkpoint without dcp/ (whole optimizer state) is refused by a sharded resume
+        with pytest.raises(ConfigError, match="written without train.parallel=fsdp"):
+            train(load_config(plain / "config.yaml", ["train.parallel=fsdp", "train.max_steps=12"]), resume=True)
+        assert not torch.distributed.is_initialized()
+
+
+def test_fsdp_refuses_independent_experts_and_best_model(tmp_path):
+    """What fsdp does not shard is refused by name: K full models (no one base to shard), and keeping the best
+    step's whole parameters."""
+    data = tmp_path / "prefs.jsonl"
+    write_unequal_annotators(data)
+    settings = [f"data.source={data}", *SETTINGS, "train.parallel=fsdp", "train.max_steps=1"]
+    with pytest.raises(ValueError, match="use experts.mode=lora or heads"):
+        train(load_config(overrides=[f"train.output_dir={tmp_path / 'k'}", "experts.mode=independent", *settings]))
+    best = ["train.load_best_model_at_end=true", "data.eval_fraction=0.25", "train.eval_steps=1"]
+    with pytest.raises(ConfigError, match="load_best_model_at_end=true with train.parallel=fsdp"):
+        load_config(overrides=[f"train.output_dir={tmp_path / 'b'}", *settings, *best])
+    assert not torch.distributed.is_initialized()
 
 
 def test_every_process_refuses_a_used_run_directory_before_building(tmp_path):

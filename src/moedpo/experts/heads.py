@@ -15,22 +15,9 @@ import copy
 import torch
 from torch import nn
 
-from moedpo.experts.bank import ExpertBank, LoRABank, select_pairs, stacked_rows
+from moedpo.experts.bank import ExpertBank, select_pairs, stacked_rows
 from moedpo.experts.logprobs import pooled_features, sequence_logps
-
-
-def _decoder_stack(model):
-    """(decoder module, its ModuleList of layers, the final-norm attribute name) of a causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"heads mode needs a decoder with a `layers` ModuleList; {type(base).__name__} has none "
-            "(use experts.mode=lora)"
-        )
-    norm = "norm" if hasattr(decoder, "norm") else None
-    return decoder, layers, norm
+from moedpo.experts.lora import LoRABank, decoder_stack
 
 
 def _output_head_name(model) -> str:
@@ -43,7 +30,7 @@ class HeadsBank(LoRABank):
     with ``output_head``, on the output head."""
 
     def __init__(self, model, num_experts: int, *, top_layers: int = 1, output_head: bool = True, **lora):
-        _, layers, _ = _decoder_stack(model)
+        _, layers, _ = decoder_stack(model)
         depth = len(layers)
         if not 1 <= top_layers <= depth:
             raise ValueError(f"top_layers must be in [1, {depth}] for this model, got {top_layers}")
@@ -55,7 +42,7 @@ class HeadsBank(LoRABank):
             pattern += f"|{_output_head_name(model)}"  # ... and the output head
         lora.setdefault("target_modules", pattern)
         super().__init__(model, num_experts, **lora)
-        self.decoder, self.layers, self.norm_name = _decoder_stack(self.model)
+        self.decoder, self.layers, self.norm_name = decoder_stack(self.model)
         self._trunk_key, self._trunk = None, None
         self._verify_split()
 
@@ -89,6 +76,12 @@ class HeadsBank(LoRABank):
                 out = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             self._trunk_key, self._trunk = (ids.clone(), mask.clone()), out.last_hidden_state
         return self._trunk
+
+    def begin_pass(self) -> None:
+        """Under ``lockstep`` the trunk is kept within one micro-batch's passes only: a process whose batch equals its
+        last one would otherwise skip the trunk's sharded forward that the others run (a collective mismatch)."""
+        if self.lockstep is not None:
+            self._trunk_key, self._trunk = None, None
 
     def _is_cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
         if self._trunk_key is None:

@@ -42,6 +42,7 @@ import itertools
 
 import torch
 
+from moedpo.inference.clipping import clip_grad_norm
 from moedpo.inference.draws import KeyedSampling, UnitDraws, posterior_draw
 from moedpo.inference.estep import EStep, e_step, plate_nesting, posterior
 from moedpo.inference.margins import (
@@ -150,11 +151,15 @@ class VariationalEM:
         """margins -> gate -> E-step -> M-step -> expert update -> optimizer (x m_steps) -> gate -> schedule.
 
         (``routed``: guide features -> gate -> z ~ guide -> the drawn experts' margins -> ELBO -> their update.)"""
-        positions = [i for i, b in enumerate(micro_batches) if b is not None and num_pairs(b) > 0]
+        counts = [num_pairs(b) if b is not None else 0 for b in micro_batches]
+        positions = [i for i, count in enumerate(counts) if count > 0]
         batches = [micro_batches[i] for i in positions]  # empty shards: no work
-        total = self._global_sum(sum(num_pairs(b) for b in batches))
+        total = self._global_sum(sum(counts))
         if total == 0:
             raise ValueError("the global batch has no pairs")
+        idle = self._idle_slots(counts)  # lockstep: where this process mirrors the others' passes
+        mine = {p: i for i, p in enumerate(positions)}
+        work = [mine.get(p) for p in sorted([*positions, *idle])]  # batches' indices in order, None: idle here
         exact = self.num_steps < self.exact_warmup or (self.exact_every and self.num_steps % self.exact_every == 0)
         routed = self.schedule == "routed" and not exact
         e_steps: list = [None] * len(batches)
@@ -165,7 +170,11 @@ class VariationalEM:
             self.draw_index = self.num_steps * self.m_steps + update  # keys each update's draws
             self.optimizer.zero_grad(set_to_none=True)
             penalty = None if routed else self.gate_penalty(batches)  # anti-collapse: the whole step's mean gate
-            for i, batch in enumerate(batches):
+            for i in work:
+                if i is None:
+                    self.experts.idle(routed)
+                    continue
+                batch = batches[i]
                 if routed:
                     record, e_steps[i], signal = self.routed_update(batch, total)
                     signals.append((update, positions[i], *signal))
@@ -395,9 +404,9 @@ class VariationalEM:
         if self.clip_grad_norm is not None:
             guide = {id(p) for p in self.guide.parameters()} if isinstance(self.guide, torch.nn.Module) else set()
             rest = [p for p in params if id(p) not in guide]
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(rest, self.clip_grad_norm))
+            self.grad_norm = clip_grad_norm(rest, self.clip_grad_norm)
             if guide:
-                torch.nn.utils.clip_grad_norm_([p for p in params if id(p) in guide], self.clip_grad_norm)
+                clip_grad_norm([p for p in params if id(p) in guide], self.clip_grad_norm)
         self.optimizer.step()
 
     def update_gate(self, gate_qs: list[torch.Tensor]) -> None:
@@ -414,6 +423,15 @@ class VariationalEM:
             if self.gate_momentum:
                 target = self.gate_momentum * torch.softmax(logits, -1) + (1 - self.gate_momentum) * target
             self.closed_form_gate.set_proportions(target.unsqueeze(0))
+
+    def _idle_slots(self, counts: list[int]) -> list[int]:
+        """Under the experts' ``lockstep`` (sharded layers: every process runs the same passes, so every process
+        passes as many micro-batches), the positions where this process has no pairs and another process has some.
+        Without it processes may pass different numbers of micro-batches."""
+        if getattr(self.experts, "lockstep", None) is None:
+            return []
+        everywhere = self.sync.sum(torch.tensor(counts, dtype=torch.float64))  # (micro-batches,) over processes
+        return [i for i, (mine, anyone) in enumerate(zip(counts, everywhere.tolist())) if mine == 0 and anyone > 0]
 
     def _gather(self, value) -> list:
         """``value`` of every process, in rank order ([value] in one process)."""
