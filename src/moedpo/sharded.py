@@ -37,10 +37,11 @@ def load_sharded(folder: Path, params: dict, optimizer: torch.optim.Optimizer) -
     """Fill ``params`` and the optimizer's state in place from :func:`save_sharded`'s folder, resharded to this
     run's layout. A parameter that had no optimizer state when saved (never reached by a gradient) gets none."""
     keys = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    missing = sorted({k.split(".", 1)[1] for k in keys if k.startswith("params.")} ^ {f"{n}" for n in params})
-    if missing:
-        raise ValueError(f"{folder}: the sharded checkpoint and this run differ in parameters, e.g. {missing[0]}")
-    names = {n for n in params if any(k.startswith(f"optimizer.{n}.") for k in keys)}
+    differ = sorted({k.removeprefix("params.") for k in keys if k.startswith("params.")} ^ set(params))
+    if differ:
+        raise ValueError(f"{folder}: the sharded checkpoint and this run differ in parameters, e.g. {differ[0]}")
+    # optimizer.<parameter name>.<state key (exp_avg, step ...: no dot)>
+    names = {k.removeprefix("optimizer.").rsplit(".", 1)[0] for k in keys if k.startswith("optimizer.")}
     _initial_state(optimizer, [params[n] for n in names])
     with _one_process():
         dcp.load(_state(params, optimizer, names), checkpoint_id=str(folder), no_dist=not dist.is_initialized())

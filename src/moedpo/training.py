@@ -209,7 +209,8 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
 
     logger, best = _loggers(run, run_dir, start if resume else None) if dp.is_main else (None, None)
 
-    def checkpoint(step: int) -> None:  # on every process at the same steps: each one's random state goes in
+    def checkpoint(step: int) -> dict:  # on every process at the same steps: each one's random state goes in
+        """Writes step ``step``'s checkpoint; returns the whole parameters it saved."""
         rngs = dp.gather(rng_state())
         whole = dp.full_tensors(params) if dp.fsdp else params  # params.safetensors: whole, for eval and report
         if dp.fsdp:  # each process writes its shards of the parameters and optimizer state (DCP)
@@ -220,6 +221,7 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
             info = {"world_size": dp.world_size, "per_device_train_batch_size": t.per_device_train_batch_size}
             state = (run.gate.state_dict(), optimizer, scheduler, loop.state_dict(), rngs, info)
             save_checkpoint(run_dir, step, whole, *state, sharded=dp.fsdp)
+        return whole
 
     with StopRequest(several=dp.world_size > 1) as stop:
         if chosen is not None:
@@ -243,8 +245,8 @@ def _train(run: Run, run_dir: Path, resume: bool, dp: DataParallel, ks: list[int
                 dp.close()
                 raise TrainingInterrupted(run_dir, step + 1, t.max_steps)
     progress.close()
-    checkpoint(t.max_steps)  # the last step's state, for a --resume that trains on
-    experts = dp.full_tensors(run.bank.trainable_parameters()) if dp.fsdp else None  # gathered on every process
+    whole = checkpoint(t.max_steps)  # the last step's state, for a --resume that trains on
+    experts = {n: whole[n] for n in run.bank.trainable_parameters()} if dp.fsdp else None  # gathered there
     if dp.is_main:
         logger.close()
         if best is not None:
