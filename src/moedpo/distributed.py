@@ -97,7 +97,6 @@ class DataParallel:
             layer.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
         bank.refresh_parameters()
         bank.lockstep = self
-        bank.reuse_graph = False  # each expert's forward gets its own backward: FSDP2 misses gradients otherwise
 
     def full_tensors(self, params: dict) -> dict[str, torch.Tensor]:
         """Name -> the whole tensor of each parameter, gathered where it is sharded (every process calls this)."""

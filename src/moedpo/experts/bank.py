@@ -216,8 +216,9 @@ class ExpertBank:
 
     def _dense_logps(self, batch: dict) -> torch.Tensor:
         """Every expert on every sequence row of a batch, (rows, K): without a graph (eval mode: the E-step pass),
-        unless ``reuse_graph`` and grad is on (train mode, the loop backpropagates through them)."""
-        graph = self.reuse_graph and torch.is_grad_enabled()
+        unless ``reuse_graph`` and grad is on (train mode, the loop backpropagates through them). Never a graph
+        under ``lockstep``: each expert's forward of a sharded layer needs its own backward (:meth:`backward`)."""
+        graph = self.reuse_graph and self.lockstep is None and torch.is_grad_enabled()
         self.train_mode() if graph else self.eval_mode()
         with torch.set_grad_enabled(graph), self.autocast():
             return torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)

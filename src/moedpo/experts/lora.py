@@ -103,7 +103,13 @@ class LoRABank(ExpertBank):
 
     def decoder_layers(self) -> list[nn.Module]:
         """The base's decoder layers, with their adapters: what ``train.parallel=fsdp`` shards."""
-        return list(decoder_stack(self.model)[1])
+        try:
+            return list(decoder_stack(self.model)[1])
+        except ValueError:  # decoder_stack's message is heads mode's
+            name = type(self.model.get_base_model()).__name__
+            raise ValueError(
+                f"train.parallel=fsdp shards a decoder's `layers` ModuleList; {name} has none (use train.parallel=ddp)"
+            ) from None
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.model]
