@@ -8,7 +8,14 @@ import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 # hierarchical_model.py: tests/test_custom_model.py
-EXERCISED = {"planted_experts.py", "ranking_world.py", "minmax_serving.py", "users_world.py", "hierarchical_model.py"}
+EXERCISED = {
+    "planted_experts.py",
+    "ranking_world.py",
+    "llm_ranking_world.py",
+    "minmax_serving.py",
+    "users_world.py",
+    "hierarchical_model.py",
+}
 
 
 def test_every_example_is_exercised():
@@ -49,6 +56,23 @@ def test_ranking_world_full(capsys):
     """Seeds 0-2: ARI >= 0.9 wherever the oracle reaches 0.95, binarized pairs below 0.5 on average, top-1 at least
     0.1 above one DPO policy."""
     passes(capsys, "ranking_world.py")
+
+
+def test_llm_ranking_world_shrink(tmp_path, capsys, monkeypatch):
+    """The LLM ranking world's pipeline, one seed of a tiny world: every row of the table is printed."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = passes(capsys, "llm_ranking_world.py", "--shrink", "--out", str(tmp_path / "w"))
+    for name in ("Plackett-Luce mixture", "binarized pairs", "one DPO policy", "Bayes oracle"):
+        assert f"   0  {name}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 20: LoRA experts reach ARI 0.87 on seed 1 (the oracle 1.00)")
+def test_llm_ranking_world_full(tmp_path, capsys, monkeypatch):
+    """Seeds 0-2, 30 annotators per type: ARI >= 0.9 wherever the oracle reaches 0.95, binarized pairs below 0.5 on
+    average, top-1 at least 0.1 above one DPO policy. Known miss (strict: passing flags the fix)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    passes(capsys, "llm_ranking_world.py", "--out", str(tmp_path / "w"))
 
 
 def test_minmax_serving_shrink(capsys):
