@@ -70,10 +70,9 @@ def oracle_ari(rows: list[dict], run: Path) -> float:
     """The Bayes oracle's ARI on the run's own training rankings (``data.json`` names their rows)."""
     train_rows = [rows[e["index"]] for e in json.loads((run / "data.json").read_text())["train"]]
     assigned = ranking_oracle(train_rows)["assigned"]
-    users = sorted(assigned)
-    types = sorted({r["group"] for r in train_rows})
-    truth = [types.index(next(r["group"] for r in train_rows if r["user_id"] == u)) for u in users]
-    return adjusted_rand_index(truth, [types.index(assigned[u]) for u in users])
+    group = {r["user_id"]: r["group"] for r in train_rows}
+    types, users = sorted(set(group.values())), sorted(assigned)
+    return adjusted_rand_index([types.index(group[u]) for u in users], [types.index(assigned[u]) for u in users])
 
 
 def run_seed(out: Path, seed: int, annotators: int, extra: list[str]) -> dict:
