@@ -36,13 +36,11 @@ from moedpo.eval import adjusted_rand_index
 RANKINGS_PER_ANNOTATOR = 4
 
 
-def fit(out: Path, source: str, num_experts: int, seed: int, annotators: int, extra: list[str]) -> dict:
+def fit(out: Path, source: str, num_experts: int, seed: int, extra: list[str]) -> dict:
     """Train one run; returns its held-out metrics (and the run directory under "dir")."""
     config = load_config(
         overrides=[
             f"data.source={source}",
-            f"data.annotators_per_type={annotators}",
-            f"data.rankings_per_annotator={RANKINGS_PER_ANNOTATOR}",
             f"experts.num_experts={num_experts}",
             f"train.seed={seed}",
             f"train.output_dir={out}",
@@ -78,12 +76,14 @@ def oracle_ari(rows: list[dict], run: Path) -> float:
 def run_seed(out: Path, seed: int, annotators: int, extra: list[str]) -> dict:
     """The table's rows for one seed: name -> (ARI, top-1, Kendall tau)."""
     rows = make_builtin_ranking_rows(annotators, RANKINGS_PER_ANNOTATOR, seed=seed)
-    mixture = fit(out / f"s{seed}" / "mixture", "builtin:rankings", 3, seed, annotators,
-                  ["train.dpo_baseline=true", *extra])  # fmt: skip
+    world = [f"data.annotators_per_type={annotators}", f"data.rankings_per_annotator={RANKINGS_PER_ANNOTATOR}"]
+    mixture = fit(
+        out / f"s{seed}" / "mixture", "builtin:rankings", 3, seed, [*world, "train.dpo_baseline=true", *extra]
+    )
     dpo = json.loads((mixture["dir"] / "dpo" / "report" / "eval.json").read_text())["metrics"]
     pairs_file = out / f"s{seed}" / "binarized.jsonl"
     pairs_file.write_text("".join(json.dumps(p) + "\n" for p in binarize(rows, seed)))
-    binarized = fit(out / f"s{seed}" / "binarized", str(pairs_file), 3, seed, annotators, extra)
+    binarized = fit(out / f"s{seed}" / "binarized", str(pairs_file), 3, seed, extra)
     nan = float("nan")
 
     def row(metrics, ari=True):
