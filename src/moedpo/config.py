@@ -53,7 +53,8 @@ class ExpertsConfig:
     top_layers: int = 1  # heads mode: decoder layers each expert owns
     init_std: float = 0.05  # distinct expert initialisation (LoRA B noise); larger collapses annotators with many pairs
     reference_adapters: list | None = None  # per-expert reference pi_ref(k): one PEFT adapter folder per expert
-    reuse_graph: str = "auto"  # E-step on the update's own forward: auto (K=1, heads K<=8, not gumbel) | true | false
+    reuse_graph: str = "auto"  # E-step on the update's forward: auto (K=1, heads K<=8, batched; not sparse)|true|false
+    batched: str = "auto"  # K>1 LoRA experts' rows in one grouped pass (all K's activations at once) | true | false
 
 
 @dataclass
@@ -315,6 +316,7 @@ CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("train", "loss_type"): ("sigmoid", "ipo", "hinge", "robust"),
     ("experts", "reuse_graph"): ("auto", "true", "false"),
+    ("experts", "batched"): ("auto", "true", "false"),
     ("train", "bf16"): ("auto", "true", "false"),
     ("sft", "lr_scheduler_type"): ("cosine", "linear", "constant"),
     ("train", "parallel"): ("auto", "ddp", "fsdp"),
@@ -382,6 +384,8 @@ def validate(config: Config) -> None:
     threads = config.train.num_threads
     if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"train.num_threads={threads!r}: expected auto or an integer >= 1")
+    if config.experts.batched == "true" and config.experts.mode == "independent":
+        raise ConfigError("experts.batched=true groups LoRA experts (lora, heads); independent experts are K models")
     if config.train.load_best_model_at_end and config.train.parallel == "fsdp":
         raise ConfigError(
             "train.load_best_model_at_end=true with train.parallel=fsdp: not supported yet (it keeps the best step's "

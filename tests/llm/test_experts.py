@@ -71,17 +71,20 @@ def test_reference_is_computed_once_per_example(tiny_model, batch):
     assert torch.allclose(first["ref_chosen_logps"], ref.chunk(2)[0])
 
 
-def test_sparse_backward_runs_only_routed_pairs(tiny_model, batch):
-    bank = LoRABank(tiny_model, 3)
+@pytest.mark.parametrize("batched", [False, True], ids=["expert-after-expert", "grouped"])
+def test_sparse_backward_runs_only_routed_pairs(tiny_model, batch, batched):
+    bank = LoRABank(tiny_model, 3, batched=batched)
     bank.margins(batch)
     sizes = []
-    original = bank.expert_logps
+    original, grouped = bank.expert_logps, bank.grouped_logps
     bank.expert_logps = lambda k, b: sizes.append((k, b["index"].numel())) or original(k, b)
+    bank.grouped_logps = lambda b, rows, experts: sizes.append(experts.tolist()) or grouped(b, rows, experts)
     grad_h = torch.zeros(6, 3)
     grad_h[[0, 1], 0] = 1.0  # two pairs routed to expert 0, one to expert 2, none to expert 1
     grad_h[4, 2] = -1.0
     bank.backward(batch, grad_h, -grad_h)
-    assert sizes == [(0, 2), (2, 1)]
+    # grouped: one pass of the pairs' chosen and rejected rows, by expert
+    assert sizes == ([[0, 0, 0, 0, 2, 2]] if batched else [(0, 2), (2, 1)])
 
 
 def test_caches_hold_small_cpu_copies_not_views_of_batches(tiny_model, batch):
@@ -198,13 +201,15 @@ def test_heads_margins_of_consecutive_probe_batches_are_their_own(tiny_model):
         assert torch.allclose(torch.cat([got["chosen_logps"], got["rejected_logps"]]), expected, atol=1e-5)
 
 
-def test_heads_trunk_is_reused_by_margins_and_backward_of_one_batch(tiny_model, batch):
+@pytest.mark.parametrize("batched", [False, True], ids=["expert-after-expert", "grouped"])
+def test_heads_trunk_is_reused_by_margins_and_backward_of_one_batch(tiny_model, batch, batched):
     """The training case keeps its cache: margins() and backward() of one batch run the trunk once."""
-    bank = HeadsBank(tiny_model, 2, top_layers=1)
+    bank = HeadsBank(tiny_model, 2, top_layers=1, batched=batched)
     calls = []
     original = bank.decoder.forward
     bank.decoder.forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     bank.margins(batch)
     trunk_runs = len(calls)  # the reference pass runs the whole model, which also goes through the decoder
     bank.backward(batch, torch.ones(6, 2), -torch.ones(6, 2))
-    assert trunk_runs >= 1 and len(calls) == trunk_runs + 2  # backward: each expert's top layers, no new trunk
+    # backward: each expert's top layers (grouped: both in one pass), no new trunk
+    assert trunk_runs >= 1 and len(calls) == trunk_runs + (1 if batched else 2)

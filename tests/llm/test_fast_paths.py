@@ -121,7 +121,7 @@ def test_e_step_on_the_updates_graph_equals_the_second_forward(tokenizer, batch,
     for reuse in (False, True):
         torch.manual_seed(0)
         model = tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id)
-        bank = cls(model, k, init_std=0.3, reuse_graph=reuse)
+        bank = cls(model, k, init_std=0.3, reuse_graph=reuse, batched=False)  # counts per-expert passes
         count = []
         original = bank.expert_logps
         bank.expert_logps = lambda j, b, original=original, count=count: count.append(j) or original(j, b)
@@ -166,7 +166,8 @@ def test_routed_margins_run_each_pair_through_its_expert_only(tokenizer, batch, 
     plain per-expert backward); other entries are zero and constant; each expert runs once, on its own pairs
     (heads: the trunk once per batch)."""
     torch.manual_seed(0)
-    bank = cls(tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id), 3, init_std=0.3)
+    model = tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id)
+    bank = cls(model, 3, init_std=0.3, batched=False)  # the grouped pass: tests/llm/test_grouped_lora.py
     route = torch.tensor([2, 0, 2, 2, 0, 2])  # expert 1 gets no pair
     weights = torch.linspace(-1, 1, 12).reshape(2, 6)
     dense = bank.margins(batch)  # no graph: the E-step pass

@@ -59,13 +59,14 @@ def disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def reuse_graph_by_default(mode: str, num_experts: int, schedule: str) -> bool:
+def reuse_graph_by_default(mode: str, num_experts: int, schedule: str, batched: bool = False) -> bool:
     """Whether the E-step reuses the update's forward: it then holds every expert's activations at once, so only
-    for K = 1, or heads mode (an expert's activations are its top layers) with K <= 8; never for sparse updates
-    (``gumbel`` and ``routed`` run only the drawn expert's forward and backward)."""
+    for K = 1, heads mode (an expert's activations are its top layers) with K <= 8, or a ``batched`` bank, whose
+    grouped update holds them all anyway; never for sparse updates (``gumbel`` and ``routed`` run only the drawn
+    expert's forward and backward)."""
     if schedule in ("gumbel", "routed"):
         return False
-    return num_experts == 1 or (mode == "heads" and num_experts <= 8)
+    return num_experts == 1 or batched or (mode == "heads" and num_experts <= 8)
 
 
 def build_bank(config: Config, model, device: torch.device):
@@ -74,28 +75,29 @@ def build_bank(config: Config, model, device: torch.device):
         disable_dropout(model)
     model = model.to(device)
     dtype = autocast_dtype(config.train.bf16, device)
-    reuse = e.reuse_graph == "true" or (
-        e.reuse_graph == "auto" and reuse_graph_by_default(e.mode, e.num_experts, config.em.schedule)
-    )
     if e.mode == "independent":
-        return IndependentBank(
-            model, e.num_experts, init_std=e.init_std, seed=config.train.seed, autocast_dtype=dtype, reuse_graph=reuse
+        bank = IndependentBank(model, e.num_experts, init_std=e.init_std, seed=config.train.seed, autocast_dtype=dtype)
+    else:
+        lora = dict(
+            r=e.lora_r,
+            alpha=e.lora_alpha,
+            dropout=e.lora_dropout,
+            init_std=e.init_std,
+            seed=config.train.seed,
+            reference_adapters=e.reference_adapters,
+            autocast_dtype=dtype,
+            batched={"auto": "auto", "true": True, "false": False}[e.batched],
         )
-    lora = dict(
-        r=e.lora_r,
-        alpha=e.lora_alpha,
-        dropout=e.lora_dropout,
-        init_std=e.init_std,
-        seed=config.train.seed,
-        reference_adapters=e.reference_adapters,
-        autocast_dtype=dtype,
-        reuse_graph=reuse,
+        if e.mode == "heads":
+            if e.target_modules != "all-linear+head":
+                lora["target_modules"] = e.target_modules
+            bank = HeadsBank(model, e.num_experts, top_layers=e.top_layers, output_head=e.output_head, **lora)
+        else:
+            bank = LoRABank(model, e.num_experts, target_modules=e.target_modules, **lora)
+    bank.reuse_graph = e.reuse_graph == "true" or (
+        e.reuse_graph == "auto" and reuse_graph_by_default(e.mode, e.num_experts, config.em.schedule, bank.grouped)
     )
-    if e.mode == "heads":
-        if e.target_modules != "all-linear+head":
-            lora["target_modules"] = e.target_modules
-        return HeadsBank(model, e.num_experts, top_layers=e.top_layers, output_head=e.output_head, **lora)
-    return LoRABank(model, e.num_experts, target_modules=e.target_modules, **lora)
+    return bank
 
 
 def build_gate(config: Config, feature_dim: int, num_users: int, user_feature_dim: int) -> Router:

@@ -5,7 +5,9 @@ All banks share one protocol, used by the EM loop's ``forward``:
 - :meth:`ExpertBank.margins` — every expert's sequence log-probs (B, K) without a graph (no activations kept,
   dropout off), the reference log-probs (computed once per example and cached) and pooled prompt features;
 - :meth:`ExpertBank.backward` — given d loss / d log-probs (B, K), runs each expert's forward and backward in
-  turn (only on the pairs with a non-zero gradient: sparse routing skips work), so memory does not grow with K.
+  turn (only on the pairs with a non-zero gradient: sparse routing skips work), so memory does not grow with K;
+  or, in a ``batched`` bank, every expert's rows in one grouped forward and backward
+  (:mod:`moedpo.experts.grouped_lora`: one pass through the shared base, K experts' activations at once).
 
 Modes: :class:`LoRABank` (K PEFT LoRA adapters on one base), :class:`HeadsBank` (shared frozen trunk run once
 per batch; each expert owns LoRA on the top layers), :class:`IndependentBank` (K full models).
@@ -81,6 +83,7 @@ class ExpertBank:
     num_experts: int
     device: torch.device
     lockstep = None  # train.parallel=fsdp: the processes (``sum``) that must run the same expert passes
+    grouped = False  # the bank can run several experts' rows in one pass (grouped_logps)
 
     def __init__(self, autocast_dtype: torch.dtype | None = None, reuse_graph: bool = False):
         self.autocast_dtype, self.reuse_graph = autocast_dtype, reuse_graph
@@ -101,7 +104,18 @@ class ExpertBank:
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         raise NotImplementedError
 
+    def grouped_logps(self, batch: dict, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Sequence log-probs (R,) of the batch's sequence rows ``rows`` (R,), row j under expert ``experts[j]``,
+        in one pass (banks with ``grouped``)."""
+        raise NotImplementedError
+
     # -- shared ---------------------------------------------------------------------------------------------------
+    @property
+    def batched(self) -> bool:
+        """Experts' rows run in one grouped pass; never under ``lockstep`` (a sharded layer's collectives are
+        checked with one expert per forward only)."""
+        return self.grouped and self.lockstep is None
+
     def autocast(self):
         if self.autocast_dtype is None or self.device.type != "cuda":
             return contextlib.nullcontext()
@@ -220,8 +234,25 @@ class ExpertBank:
         under ``lockstep``: each expert's forward of a sharded layer needs its own backward (:meth:`backward`)."""
         graph = self.reuse_graph and self.lockstep is None and torch.is_grad_enabled()
         self.train_mode() if graph else self.eval_mode()
+        every = torch.arange(batch["index"].shape[0], device=self.device)
         with torch.set_grad_enabled(graph), self.autocast():
-            return torch.stack([self.expert_logps(k, batch).float() for k in range(self.num_experts)], -1)
+            return torch.stack(self.experts_logps(batch, [every] * self.num_experts), -1)
+
+    def experts_logps(self, batch: dict, units: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Each expert k's sequence log-probs (blocks * B'_k,) float32 on its pairs (rankings) ``units[k]`` (B'_k,),
+        None where ``units[k]`` is: in one grouped pass when ``batched``, else expert after expert."""
+        if not self.batched:
+            return [None if u is None else self.rows_logps(k, batch, u).float() for k, u in enumerate(units)]
+        rows = [None if u is None else stacked_rows(batch, u) for u in units]
+        present = [(k, r) for k, r in enumerate(rows) if r is not None]
+        if not present:
+            return [None] * len(units)
+        experts = torch.cat([torch.full_like(r, k) for k, r in present])
+        logps = self.grouped_logps(batch, torch.cat([r for _, r in present]), experts).float()
+        out: list[torch.Tensor | None] = [None] * len(units)
+        for (k, _), values in zip(present, logps.split([r.numel() for _, r in present])):
+            out[k] = values
+        return out
 
     def _routed_logps(self, batch: dict, route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routed experts' log-probs (2B, K) with a graph (train mode); under ``lockstep`` without one (eval
@@ -232,12 +263,11 @@ class ExpertBank:
         graph = self.lockstep is None and torch.is_grad_enabled()
         self.train_mode() if graph else self.eval_mode()
         rows = [torch.nonzero(route == k).squeeze(-1) for k in range(self.num_experts)]
-        for k, expert_rows in enumerate(self.agreed(rows)):
-            if expert_rows is None:
-                continue
-            with torch.set_grad_enabled(graph), self.autocast():
-                values = self.rows_logps(k, batch, expert_rows).float()  # (2B',)
-            if rows[k].numel() == 0:  # lockstep's stand-in row: run for the layers' collectives only
+        agreed = self.agreed(rows)
+        with torch.set_grad_enabled(graph), self.autocast():
+            per_expert = self.experts_logps(batch, agreed)  # (2B'_k,) each
+        for k, (expert_rows, values) in enumerate(zip(agreed, per_expert)):
+            if values is None or rows[k].numel() == 0:  # lockstep's stand-in row: run for the collectives only
                 continue
             both = torch.cat([expert_rows, expert_rows + num_pairs])
             logps = logps.index_put((both, torch.full_like(both, k)), values)
@@ -312,6 +342,13 @@ class ExpertBank:
         per_unit = grad.reshape(-1, num, grad.shape[-1])  # (blocks, B, K)
         rows = [torch.nonzero((per_unit[..., k] != 0).any(0)).squeeze(-1) for k in range(self.num_experts)]
         self.train_mode()
+        if self.batched:  # one grouped forward and backward
+            with self.autocast():
+                per_expert = self.experts_logps(batch, self.agreed(rows))
+            ran = [(k, v) for k, v in enumerate(per_expert) if v is not None]
+            grads = [grad[stacked_rows(batch, rows[k]), k].to(v.dtype) for k, v in ran]
+            torch.autograd.backward([v for _, v in ran], grads)
+            return
         for k, expert_rows in enumerate(self.agreed(rows)):
             if expert_rows is None:
                 continue  # sparse routing: expert k got no pair

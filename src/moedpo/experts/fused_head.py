@@ -46,8 +46,9 @@ def _hooked(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in modules)
 
 
-def head_parts(head: nn.Module) -> HeadParts | None:
-    """The head's operands when its forward is exactly a linear map plus plain LoRA terms; otherwise None."""
+def head_parts(head: nn.Module, adapters: list[str] | None = None) -> HeadParts | None:
+    """The head's operands when its forward is exactly a linear map plus plain LoRA terms; otherwise None.
+    ``adapters``: these PEFT adapters' terms instead of the active ones' (a grouped pass, one expert at a time)."""
     if _hooked(*head.modules()):
         return None
     if type(head) is nn.Linear:
@@ -60,7 +61,7 @@ def head_parts(head: nn.Module) -> HeadParts | None:
     if head.disable_adapters:
         return HeadParts(base.weight, base.bias)
     loras, scales = [], []
-    for name in head.active_adapters:
+    for name in head.active_adapters if adapters is None else adapters:
         if name not in head.lora_A.keys():
             continue
         a, b, dropout = head.lora_A[name], head.lora_B[name], head.lora_dropout[name]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from moedpo.experts.bank import ExpertBank, select_pairs, stacked_rows
+from moedpo.experts.grouped_lora import grouped_sequence_logps
 from moedpo.experts.logprobs import pooled_features, sequence_logps
 from moedpo.experts.lora import LoRABank, decoder_stack
 
@@ -108,6 +109,13 @@ class HeadsBank(LoRABank):
         hidden = self.trunk(batch)[stacked_rows(batch, rows)]
         self.activate(k)
         return self._top_logps(select_pairs(batch, rows), hidden)
+
+    def grouped_logps(self, batch, rows, experts):
+        """The batch's trunk (computed once) at ``rows``, then each row's expert's top layers, in one pass."""
+        hidden = self.trunk(batch)[rows]
+        inputs = (batch[key][rows] for key in ("input_ids", "attention_mask", "completion_mask"))
+        with self._only_layers(self.layers[self.split :], keep_norm=True):
+            return grouped_sequence_logps(self.model, self.names, experts, *inputs, inputs_embeds=hidden)
 
     @torch.no_grad()
     def _verify_split(self) -> None:

@@ -47,27 +47,32 @@ def _head_chunk(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return selective_log_softmax(head(hidden).unsqueeze(0), labels.unsqueeze(0), chunk_rows=1)[0]  # (C,)
 
 
-def head_log_softmax(head, hidden: torch.Tensor, labels: torch.Tensor, max_elements: int | None = None):
+def head_log_softmax(
+    head, hidden: torch.Tensor, labels: torch.Tensor, max_elements: int | None = None, adapters: list[str] | None = None
+):
     """log softmax(head(hidden))[labels] for M positions: (M, D), (M,) -> (M,) float32, chunk by chunk.
 
     With grad enabled and more than one chunk, each chunk's logits are recomputed in the backward, never stored
     (a single chunk is within the memory budget and is kept). A linear or plain-LoRA head takes the fused path
     (:mod:`moedpo.experts.fused_head`, a hand-written backward); any other head, checkpointed autograd.
+    ``adapters``: the head's PEFT adapters to apply instead of the active ones.
     """
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     size = max(1, (MAX_CHUNK_ELEMENTS if max_elements is None else max_elements) // vocab)
-    parts = head_parts(head)
+    parts = head_parts(head, adapters)
     if parts is not None:
         return fused_head_log_softmax(parts, hidden, labels, size)
-    adapters = getattr(head, "_active_adapter", None)  # a PEFT head: recompute with the adapter used now
+    if adapters is None or not hasattr(head, "_active_adapter"):  # a PEFT head: recompute with the adapter used now
+        adapters = getattr(head, "_active_adapter", None)
     contexts = lambda: (contextlib.nullcontext(), _with_adapter(head, adapters))  # noqa: E731
     picked, chunked = [], hidden.shape[0] > size  # one chunk fits the budget: keep its logits, no recompute
-    for start in range(0, hidden.shape[0], size):
-        h, y = hidden[start : start + size], labels[start : start + size]
-        if chunked and torch.is_grad_enabled():
-            picked.append(checkpoint(_head_chunk, head, h, y, use_reentrant=False, context_fn=contexts))
-        else:
-            picked.append(_head_chunk(head, h, y))
+    with _with_adapter(head, adapters):
+        for start in range(0, hidden.shape[0], size):
+            h, y = hidden[start : start + size], labels[start : start + size]
+            if chunked and torch.is_grad_enabled():
+                picked.append(checkpoint(_head_chunk, head, h, y, use_reentrant=False, context_fn=contexts))
+            else:
+                picked.append(_head_chunk(head, h, y))
     return torch.cat(picked) if picked else hidden.new_zeros(0).float()
 
 
@@ -170,11 +175,27 @@ def _fused_logps(model, input_ids, attention_mask, completion_mask, kwargs, want
     base = _base(model)
     inputs = {"inputs_embeds": kwargs["inputs_embeds"]} if "inputs_embeds" in kwargs else {"input_ids": input_ids}
     hidden = base.get_decoder()(attention_mask=attention_mask, use_cache=False, **inputs).last_hidden_state
+    return completion_logps(base.get_output_embeddings(), hidden, input_ids, completion_mask), hidden
+
+
+def completion_logps(head, hidden, input_ids, completion_mask, groups=None) -> torch.Tensor:
+    """Sum of the completion tokens' log-probs from the decoder's last hidden states (N, T, D): (N,) float32.
+    The head runs only on the positions that predict a completion token. ``groups``: [(head adapters, rows (N,)
+    bool)], each group's rows through the head with those PEFT adapters (a grouped pass of several experts)."""
     mask = completion_mask[:, 1:].bool()  # position t predicts token t + 1
     rows, cols = torch.nonzero(mask, as_tuple=True)
-    token_logps = head_log_softmax(base.get_output_embeddings(), hidden[rows, cols], input_ids[rows, cols + 1])
+    labels = input_ids[rows, cols + 1]
+    if groups is None:
+        token_logps = head_log_softmax(head, hidden[rows, cols], labels)
+    else:
+        token_logps = hidden.new_zeros(rows.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
+        for adapters, members in groups:
+            at = torch.nonzero(members[rows]).squeeze(-1)  # this group's positions
+            if at.numel():
+                picked = head_log_softmax(head, hidden[rows[at], cols[at]], labels[at], adapters=adapters)
+                token_logps = token_logps.index_put((at,), picked.to(token_logps.dtype))
     logps = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=input_ids.device)
-    return logps.index_add(0, rows, token_logps), hidden
+    return logps.index_add(0, rows, token_logps)
 
 
 def _plain_logps(model, input_ids, attention_mask, completion_mask, kwargs, want_hidden=True):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moedpo.experts.bank import ExpertBank
+from moedpo.experts.grouped_lora import grouped_sequence_logps, grouped_support
 from moedpo.experts.logprobs import pooled_features, sequence_logps
 
 
@@ -45,7 +46,10 @@ def resolve_target_modules(model, spec):
 
 class LoRABank(ExpertBank):
     """K LoRA adapters ``expert_0..expert_{K-1}`` on one causal LM; reference = adapters disabled, or a
-    per-expert reference adapter (``reference_adapters[k]``: a PEFT adapter folder, frozen)."""
+    per-expert reference adapter (``reference_adapters[k]``: a PEFT adapter folder, frozen).
+
+    ``batched``: "auto" runs the experts' rows in one grouped pass where :func:`grouped_support` allows and K > 1
+    (else expert after expert; ``grouped_reason`` says why), True requires it, False never."""
 
     def __init__(
         self,
@@ -62,6 +66,7 @@ class LoRABank(ExpertBank):
         reference_adapters: list[str] | None = None,
         autocast_dtype: torch.dtype | None = None,
         reuse_graph: bool = False,
+        batched: bool | str = "auto",
     ):
         from peft import LoraConfig, get_peft_model
 
@@ -91,6 +96,16 @@ class LoRABank(ExpertBank):
             for name, path in zip(self.reference_names, reference_adapters):
                 self.model.load_adapter(path, adapter_name=name, is_trainable=False)
         self.device = next(self.model.parameters()).device
+        self.grouped_reason = (
+            "experts.batched=false"
+            if not batched
+            else "one expert (PEFT's own forward)"
+            if num_experts == 1
+            else grouped_support(self.model, self.names)
+        )
+        if batched is True and self.grouped_reason:
+            raise ValueError(f"experts.batched=true: the experts cannot run in one pass here: {self.grouped_reason}")
+        self.grouped = self.grouped_reason is None
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self._trainable
@@ -117,6 +132,14 @@ class LoRABank(ExpertBank):
     def _logps(self, batch, **kwargs):
         return sequence_logps(
             self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kwargs
+        )
+
+    def grouped_logps(self, batch, rows, experts):
+        return grouped_sequence_logps(
+            self.model,
+            self.names,
+            experts,
+            *(batch[key][rows] for key in ("input_ids", "attention_mask", "completion_mask")),
         )
 
     def activate(self, k: int) -> None:
