@@ -7,13 +7,15 @@ experts (rank 8, all linear layers and the head), AdamW and the em loop, and tak
 tokens (half prompt, half completion), all inside ``torch.profiler`` with memory profiling; the peak is the most
 bytes of CPU tensors alive at once (the profiler's memory timeline). The model (docs/scaling.md):
 
-    peak = 4 * base + 16 * trainable + tokens * (GAMMA * 4 * hidden * layers + ETA * 4 * vocab / 2)
+    peak = 4 * base + 16 * trainable + alive * tokens * (GAMMA * 4 * hidden * layers + ETA * 4 * vocab / 2)
 
 with ``tokens`` = 2 B T sequence positions: float32 base weights; trainable LoRA weights with their gradient and
-AdamW's two moments; one expert's forward kept for its backward (the bank backpropagates one expert at a time, so
-it does not grow with K), GAMMA hidden-sized floats per token and layer, and ETA vocabulary-sized rows of logits
-per completion token in the fused head (one chunk; chunks cap it at MAX_CHUNK_ELEMENTS for large shapes). GAMMA and
-ETA were fitted on the first two shapes; the last two are the check (other depth, width, vocabulary, batch, K).
+AdamW's two moments; the forwards kept for the backward: ``alive`` = 1 expert's when the bank backpropagates one
+expert at a time (``--in-turn``), all K's in one grouped pass (the default for K > 1, ``experts.batched``), GAMMA
+hidden-sized floats per token and layer, and ETA vocabulary-sized rows of logits per completion token in the fused
+head (one chunk; chunks cap it at MAX_CHUNK_ELEMENTS for large shapes). GAMMA and ETA were fitted on the first two
+shapes, experts in turn; the last two are the check (other depth, width, vocabulary, batch, K), and the grouped
+pass is a check on all four.
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ def peak_cpu_bytes(fn) -> int:
     return top
 
 
-def measure(hidden, layers, vocab, pairs, tokens, experts) -> tuple[int, dict]:
+def measure(hidden, layers, vocab, pairs, tokens, experts, batched: bool) -> tuple[int, dict]:
     counts = {}
 
     def two_steps():
         torch.manual_seed(0)
         model = tiny_causal_lm(vocab, hidden, layers)
-        bank = LoRABank(model, experts)
+        bank = LoRABank(model, experts, batched="auto" if batched else False)
+        bank.reuse_graph = bank.batched  # as experts.reuse_graph=auto under em
+        counts["alive"] = experts if bank.batched else 1
         gate = FixedGate(experts)
         params = list(bank.trainable_parameters().values()) + list(gate.parameters())
         optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -79,20 +83,21 @@ def measure(hidden, layers, vocab, pairs, tokens, experts) -> tuple[int, dict]:
 
 def predict(hidden, layers, vocab, pairs, tokens, counts) -> float:
     positions = 2 * pairs * tokens
-    activations = positions * (GAMMA * 4 * hidden * layers + ETA * 4 * vocab / 2)
+    activations = counts["alive"] * positions * (GAMMA * 4 * hidden * layers + ETA * 4 * vocab / 2)
     return 4 * counts["base"] + 16 * counts["trainable"] + activations
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=int, nargs="*", help="indices into SHAPES (default: all)")
+    parser.add_argument("--in-turn", action="store_true", help="experts.batched=false: one expert at a time")
     args = parser.parse_args()
     for i in args.shapes if args.shapes is not None else range(len(SHAPES)):
         hidden, layers, vocab, pairs, tokens, experts = SHAPES[i]
-        measured, counts = measure(*SHAPES[i])
+        measured, counts = measure(*SHAPES[i], batched=not args.in_turn)
         predicted = predict(hidden, layers, vocab, pairs, tokens, counts)
         error = predicted / measured - 1
-        role = "fit" if i < 2 else "check"
+        role = "fit" if i < 2 and args.in_turn else "check"
         print(
             f"hidden {hidden:4d} layers {layers} vocab {vocab:5d} pairs {pairs:2d} x {tokens:3d} tokens K={experts} "
             f"({role}): measured {measured / 2**20:6.1f} MiB, model {predicted / 2**20:6.1f} MiB ({error:+.1%})",
