@@ -1,6 +1,7 @@
-"""GPU check, asserted: bf16 autocast margins against float32 on the same random model, and the fused output head
+"""GPU check, asserted: bf16 autocast margins against float32 on the same random model, the fused output head
 under bf16 autocast against autograd through the same head in float32 (log-probs and every gradient), with the
-fused head's peak CUDA memory below autograd's under the same autocast.
+fused head's peak CUDA memory below autograd's under the same autocast, and K=4 LoRA experts in one grouped pass
+under bf16 against the experts in turn (each row's log-prob and every adapter's gradient, against float32).
 
 python benchmarks/gpu_check.py          # needs CUDA; exits non-zero (AssertionError) when a check fails
 
@@ -22,7 +23,7 @@ import torch
 from step_cost import random_batch  # noqa: E402  (run from benchmarks/)
 
 from moedpo.data.builtin import tiny_causal_lm
-from moedpo.experts import LoRABank, logprobs
+from moedpo.experts import LoRABank, logprobs, sequence_logps
 from moedpo.experts.fused_head import head_parts
 from moedpo.losses.dpo import margins
 
@@ -113,9 +114,64 @@ def margins_check(device="cuda", vocab_size=4096, hidden_size=1024, num_layers=8
     return agreement
 
 
+def _rows_pass(bank, data, rows, experts, weights, *, grouped: bool, dtype):
+    """Each row's log-prob under its expert, (R,), and every adapter's gradient of sum(weights * log-probs): one
+    grouped pass, or expert after expert through PEFT with that expert active."""
+    for param in bank.trainable_parameters().values():
+        param.grad = None
+    autocast = torch.autocast(bank.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with autocast:
+        if grouped:
+            logps = bank.grouped_logps(data, rows, experts).float()
+        else:
+            logps = torch.zeros(rows.numel(), device=bank.device)
+            for k in range(bank.num_experts):
+                at = torch.nonzero(experts == k).squeeze(-1)
+                bank.activate(k)
+                sub = [data[key][rows[at]] for key in ("input_ids", "attention_mask", "completion_mask")]
+                logps = logps.index_put((at,), sequence_logps(bank.model, *sub).float())
+    (logps * weights).sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in bank.trainable_parameters().items() if p.grad is not None}
+
+
+def grouped_check(
+    device="cuda", vocab_size=4096, hidden_size=1024, num_layers=4, batch=8, seq=256, dtype=torch.bfloat16
+):
+    """K=4 LoRA experts in one grouped pass under ``dtype`` autocast vs expert after expert, both against expert
+    after expert in float32. The two bf16 paths run the same matmuls on differently composed batches, so their
+    rounding is alike: the grouped pass's errors may be at most twice the per-expert path's, plus u (a wrong term
+    is off by O(1) relative). Returns the relative errors {"grouped"/"in_turn": {"logps": .., grad name: ..}}."""
+    torch.manual_seed(0)
+    bank = LoRABank(tiny_causal_lm(vocab_size, hidden_size, num_layers).to(device), 4, init_std=0.3)
+    assert bank.grouped, f"the grouped pass does not apply: {bank.grouped_reason}"
+    bank.train_mode()
+    data = random_batch(batch, seq, vocab_size, device, torch.Generator().manual_seed(0))
+    rows = torch.arange(2 * batch, device=device)
+    experts, weights = rows % 4, torch.randn(2 * batch, device=device)
+    ref_logps, ref_grads = _rows_pass(bank, data, rows, experts, weights, grouped=False, dtype=None)
+    errors = {}
+    for name, grouped in (("in_turn", False), ("grouped", True)):
+        logps, grads = _rows_pass(bank, data, rows, experts, weights, grouped=grouped, dtype=dtype)
+        assert grads.keys() == ref_grads.keys(), f"{name}: gradients of {len(grads)} tensors vs {len(ref_grads)}"
+        errors[name] = {"logps": _relative_error(logps, ref_logps)}
+        errors[name].update({n: _relative_error(grads[n], ref) for n, ref in ref_grads.items()})
+    for key in ("logps", max(ref_grads, key=lambda n: errors["grouped"][n])):
+        got, bound = errors["grouped"][key], 2 * errors["in_turn"][key] + U_BF16
+        print(
+            f"grouped {dtype} {key[-48:]}: {got:.2e} (experts in turn {errors['in_turn'][key]:.2e}, bound {bound:.2e})"
+        )
+    for key, got in errors["grouped"].items():
+        bound = 2 * errors["in_turn"][key] + U_BF16
+        assert got <= bound, (
+            f"grouped pass {key} off by {got:.2e} > {bound:.2e} (experts in turn: {errors['in_turn'][key]:.2e})"
+        )
+    return errors
+
+
 def main():
     margins_check()
     fused_head_check()
+    grouped_check()
 
 
 if __name__ == "__main__":

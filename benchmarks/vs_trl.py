@@ -158,7 +158,7 @@ def trl_row(shape, device, dtype, lora: bool):
     return step
 
 
-def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str):
+def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str, batched: bool | str = "auto"):
     from moedpo.assembly.components import reuse_graph_by_default
     from moedpo.experts import HeadsBank, LoRABank
     from moedpo.inference import VariationalEM
@@ -166,9 +166,9 @@ def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str):
 
     model = build_model(shape, device, dtype)
     autocast = torch.bfloat16 if device.startswith("cuda") else None
-    reuse = reuse_graph_by_default(mode, k, schedule)  # as moedpo train's experts.reuse_graph=auto
-    options = dict(r=16, alpha=32, init_std=0.01, autocast_dtype=autocast, reuse_graph=reuse)
+    options = dict(r=16, alpha=32, init_std=0.01, autocast_dtype=autocast, batched=batched)
     bank = HeadsBank(model, k, top_layers=2, **options) if mode == "heads" else LoRABank(model, k, **options)
+    bank.reuse_graph = reuse_graph_by_default(mode, k, schedule, bank.grouped)  # as experts.reuse_graph=auto
     gate = FixedGate(k).to(device)
     guide = AmortizedGuide(3 * model.config.hidden_size, k).to(device) if schedule == "routed" else None
     params = [*bank.trainable_parameters().values(), *gate.parameters(), *(guide.parameters() if guide else [])]
@@ -181,18 +181,24 @@ def moedpo_row(shape, device, dtype, mode: str, k: int, schedule: str):
     return lambda: loop.step(batch)
 
 
-ROWS = [
-    ("TRL DPOTrainer, full fine-tune", "trl", False, 0, ""),
-    ("TRL DPOTrainer, LoRA all linear", "trl", True, 0, ""),
-    ("moedpo lora K=1", "lora", None, 1, "em"),
-    ("moedpo lora K=4", "lora", None, 4, "em"),
-    ("moedpo lora K=4, sparse (gumbel)", "lora", None, 4, "gumbel"),
-    ("moedpo heads top_layers=2, K=1", "heads", None, 1, "em"),
-    ("moedpo heads top_layers=2, K=4", "heads", None, 4, "em"),
-    ("moedpo heads top_layers=2, K=4, sparse", "heads", None, 4, "gumbel"),
-    ("moedpo heads top_layers=2, K=8", "heads", None, 8, "em"),
-    ("moedpo lora K=4, guide-routed", "lora", None, 4, "routed"),
-    ("moedpo heads top_layers=2, K=4, guide-routed", "heads", None, 4, "routed"),
+ROWS = [  # label, kind, TRL LoRA, K, schedule, experts.batched (auto: one grouped pass for K > 1; False: in turn)
+    ("TRL DPOTrainer, full fine-tune", "trl", False, 0, "", None),
+    ("TRL DPOTrainer, LoRA all linear", "trl", True, 0, "", None),
+    ("moedpo lora K=1", "lora", None, 1, "em", "auto"),
+    ("moedpo lora K=4", "lora", None, 4, "em", "auto"),
+    ("moedpo lora K=4, experts in turn", "lora", None, 4, "em", False),
+    ("moedpo lora K=4, sparse (gumbel)", "lora", None, 4, "gumbel", "auto"),
+    ("moedpo lora K=4, sparse, experts in turn", "lora", None, 4, "gumbel", False),
+    ("moedpo heads top_layers=2, K=1", "heads", None, 1, "em", "auto"),
+    ("moedpo heads top_layers=2, K=4", "heads", None, 4, "em", "auto"),
+    ("moedpo heads top_layers=2, K=4, experts in turn", "heads", None, 4, "em", False),
+    ("moedpo heads top_layers=2, K=4, sparse", "heads", None, 4, "gumbel", "auto"),
+    ("moedpo heads top_layers=2, K=4, sparse, in turn", "heads", None, 4, "gumbel", False),
+    ("moedpo heads top_layers=2, K=8", "heads", None, 8, "em", "auto"),
+    ("moedpo lora K=4, guide-routed", "lora", None, 4, "routed", "auto"),
+    ("moedpo lora K=4, guide-routed, in turn", "lora", None, 4, "routed", False),
+    ("moedpo heads top_layers=2, K=4, guide-routed", "heads", None, 4, "routed", "auto"),
+    ("moedpo heads top_layers=2, K=4, guide-routed, in turn", "heads", None, 4, "routed", False),
 ]
 
 
@@ -219,7 +225,7 @@ def report(label: str, timings: dict, rows: list, flops: dict) -> None:
     for key, width in (("x_trl_full_ft", 10), ("x_trl_lora", 12), ("best_x_trl_full_ft", 10)):
         cells.append(f"{row[key]:>{width}.2f}" if row[key] is not None else " " * width)
     cells.append(f"{row['gflop']:>8.1f}{row['flops_x_trl_full_ft']:>10.2f}{row['peak_gib']:>10.1f}")
-    print(f"{label:<46}{''.join(cells)}", flush=True)
+    print(f"{label:<54}{''.join(cells)}", flush=True)
 
 
 def main():
@@ -256,10 +262,12 @@ def main():
     print(f"{args.rounds} round(s) x {args.steps} timed steps after {args.warmup} warm-up; s/step = median", flush=True)
     header = f"{'s/step':>9}{'best':>9}{'x TRL FT':>10}{'x TRL LoRA':>12}{'best x FT':>10}{'GFLOP':>8}{'FLOP x FT':>10}"
     header += f"{'peak GiB':>10}"
-    print(f"{'config':<46}{header}", flush=True)
+    print(f"{'config':<54}{header}", flush=True)
     rows = [r for r in ROWS if r[1] == "trl" or not args.only or any(o in r[0] for o in args.only)]
-    build = lambda kind, lora, k, schedule: (  # noqa: E731
-        trl_row(shape, device, dtype, lora) if kind == "trl" else moedpo_row(shape, device, dtype, kind, k, schedule)
+    build = lambda kind, lora, k, schedule, batched: (  # noqa: E731
+        trl_row(shape, device, dtype, lora)
+        if kind == "trl"
+        else moedpo_row(shape, device, dtype, kind, k, schedule, batched)
     )
     timings: dict[str, list[tuple[list[float], float]]] = {}
     flops: dict[str, float] = {}

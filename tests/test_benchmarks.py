@@ -80,3 +80,19 @@ def test_gpu_check_margins_assert_on_cpu(monkeypatch):
     gpu_check = _gpu_check(monkeypatch)
     agreement = gpu_check.margins_check(device="cpu", vocab_size=256, hidden_size=64, num_layers=2, batch=8, seq=32)
     assert gpu_check.SIGN_AGREEMENT <= agreement <= 1.0
+
+
+def test_gpu_check_grouped_pass_asserts_on_cpu(monkeypatch):
+    """gpu_check's grouped-pass check, small and on CPU under bfloat16 autocast: it passes, and a grouped pass whose
+    LoRA deltas are 10% off fails it."""
+    from moedpo.experts import grouped_lora
+
+    gpu_check = _gpu_check(monkeypatch)
+    small = dict(device="cpu", vocab_size=256, hidden_size=64, num_layers=2, batch=4, seq=32)
+    errors = gpu_check.grouped_check(**small)
+    assert errors["grouped"]["logps"] <= 2 * errors["in_turn"]["logps"] + gpu_check.U_BF16
+    assert len(errors["grouped"]) > 10  # log-probs and every adapter's gradient
+    delta = grouped_lora.grouped_delta
+    monkeypatch.setattr(grouped_lora, "grouped_delta", lambda *args: 1.1 * delta(*args))
+    with pytest.raises(AssertionError, match="grouped pass"):
+        gpu_check.grouped_check(**small)
