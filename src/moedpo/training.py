@@ -130,7 +130,7 @@ def train(config: Config | str | Path | None = None, resume: bool = False, **ove
         with rundir.RunLock(run_dir) if dp.is_main else contextlib.nullcontext():
             if dp.is_main:
                 rundir.prepare(config, run_dir, resume, run.tokenizer, run.base, run.data)
-                _announce(run, run_dir, threads)
+                _announce(run, run_dir, threads, dp.fsdp)
             dp.barrier()
             try:
                 return _train(run, run_dir, resume, dp, kselection.candidates(config, run.data) if auto else None)
@@ -174,15 +174,15 @@ def _resolve_auto(config: Config, run_dir: Path, resume: bool) -> tuple[Config, 
     return config, True
 
 
-def _announce(run: Run, run_dir: Path, threads: int) -> None:
-    d, config = run.data, run.config
+def _announce(run: Run, run_dir: Path, threads: int, sharded: bool) -> None:
+    d, config, experts = run.data, run.config, run.bank.pass_note(sharded)
     cpu = f"; {threads} CPU thread{'s' * (threads > 1)} of {len(cores())} cores (train.num_threads)"
     unit, tie = ("rankings", "the best scores tie") if d.rankings else ("pairs", "chosen equals rejected")
     print(
         f"moedpo: run directory {run_dir}; {len(d.train)} training and {len(d.eval)} held-out {unit}, "
         f"{d.num_truncated} truncated, {d.num_dropped} dropped (prompt >= data.max_length as TRL, or {tie}); "
         f"em.scope={config.em.scope} over {len(d.user_ids)} annotators; {d.split}"
-        f"{cpu if run.bank.device.type == 'cpu' else ''}",
+        f"{cpu if run.bank.device.type == 'cpu' else ''}{'; ' * bool(experts)}{experts}",
         file=sys.stderr,
         flush=True,
     )

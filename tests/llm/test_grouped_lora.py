@@ -154,12 +154,15 @@ def test_where_the_grouped_pass_does_not_apply_the_bank_says_why(tokenizer):
     assert not bank.grouped and not bank.batched and "Conv1D" in bank.grouped_reason
     with pytest.raises(ValueError, match="experts.batched=true.*Conv1D"):
         LoRABank(gpt2(), 2, target_modules=["c_attn"], batched=True)
-    one = LoRABank(tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id), 1)
-    assert not one.grouped and "one expert" in one.grouped_reason
+    one = LoRABank(tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id), 1, batched=True)
+    assert not one.grouped and "one expert" in one.grouped_reason  # not an error: num_experts=auto fits K=1 too
+    assert one.pass_note() == ""
     two = LoRABank(tiny_causal_lm(len(tokenizer), 32, 2, pad_token_id=tokenizer.pad_token_id), 2)
-    assert two.batched
+    assert two.batched and two.pass_note() == "2 experts in one grouped pass (experts.batched)"
+    assert two.pass_note(sharded=True) == "experts in turn (train.parallel=fsdp)"  # the run's log, before sharding
     two.lockstep = object()  # train.parallel=fsdp: sharded layers run one expert per forward
-    assert two.grouped and not two.batched
+    assert two.grouped and not two.batched and two.pass_note() == "experts in turn (train.parallel=fsdp)"
+    assert "in turn (LoRA on Conv1D" in bank.pass_note()
 
 
 def test_the_run_config_picks_the_grouped_pass_and_the_e_step_on_its_graph():

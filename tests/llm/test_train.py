@@ -208,14 +208,15 @@ def test_rows_trl_trains_on_do_not_stop_the_run(tmp_path):
 
 def test_progress_lines_without_a_terminal(tmp_path, capsys):
     """Under nohup/slurm/CI (stderr not a TTY): the run directory first, then periodic lines with step, loss,
-    accuracy, steps/s and ETA (before: nothing until the end); the first says the CPU threads it chose, and the
-    process has its own count back afterwards."""
+    accuracy, steps/s and ETA (before: nothing until the end); the first says the CPU threads it chose and how the
+    experts run, and the process has its own count back afterwards."""
     before = torch.get_num_threads()
     train(config(tmp_path, "train.max_steps=40", "train.eval_steps=0", "train.num_threads=1"))
     assert torch.get_num_threads() == before
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moedpo: ")]
     assert err[0].startswith(f"moedpo: run directory {tmp_path / 'run'}")
-    assert err[0].endswith(f"; 1 CPU thread of {len(cores())} cores (train.num_threads)")
+    assert f"; 1 CPU thread of {len(cores())} cores (train.num_threads)" in err[0]
+    assert err[0].endswith("; 2 experts in one grouped pass (experts.batched)")  # how a step runs the experts
     steps = [line for line in err if line.startswith("moedpo: step ")]
     assert len(steps) == 20 and steps[-1].startswith("moedpo: step 40/40 loss ")
     assert "steps/s ETA" in steps[0] and " acc " in steps[0]

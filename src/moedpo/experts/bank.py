@@ -97,6 +97,16 @@ class ExpertBank(ReferenceCache):
         checked with one expert per forward only)."""
         return self.grouped and self.lockstep is None
 
+    def pass_note(self, sharded: bool = False) -> str:
+        """How a step runs the experts, for the run's first log line ("" for one expert); ``sharded``: the bank
+        is about to be put in lockstep (train.parallel=fsdp)."""
+        if self.num_experts == 1:
+            return ""
+        if self.batched and not sharded:
+            return f"{self.num_experts} experts in one grouped pass (experts.batched)"
+        why = "train.parallel=fsdp" if sharded or self.lockstep is not None else getattr(self, "grouped_reason", None)
+        return f"experts in turn ({why or 'independent models'})"
+
     def autocast(self):
         if self.autocast_dtype is None or self.device.type != "cuda":
             return contextlib.nullcontext()

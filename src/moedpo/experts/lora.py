@@ -96,16 +96,14 @@ class LoRABank(ExpertBank):
             for name, path in zip(self.reference_names, reference_adapters):
                 self.model.load_adapter(path, adapter_name=name, is_trainable=False)
         self.device = next(self.model.parameters()).device
-        self.grouped_reason = (
-            "experts.batched=false"
-            if not batched
-            else "one expert (PEFT's own forward)"
-            if num_experts == 1
-            else grouped_support(self.model, self.names)
-        )
-        if batched is True and self.grouped_reason:
-            raise ValueError(f"experts.batched=true: the experts cannot run in one pass here: {self.grouped_reason}")
-        self.grouped = self.grouped_reason is None
+        reason = grouped_support(self.model, self.names) if batched and num_experts > 1 else None
+        if batched is True and reason:
+            raise ValueError(f"experts.batched=true: the experts cannot run in one pass here: {reason}")
+        if not batched:
+            reason = "experts.batched=false"
+        elif num_experts == 1:
+            reason = "one expert (PEFT's own forward)"  # also under batched=true (num_experts=auto fits K=1)
+        self.grouped_reason, self.grouped = reason, reason is None
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self._trainable
