@@ -96,13 +96,14 @@ class LoRABank(ExpertBank):
             for name, path in zip(self.reference_names, reference_adapters):
                 self.model.load_adapter(path, adapter_name=name, is_trainable=False)
         self.device = next(self.model.parameters()).device
-        reason = grouped_support(self.model, self.names) if batched and num_experts > 1 else None
-        if batched is True and reason:
-            raise ValueError(f"experts.batched=true: the experts cannot run in one pass here: {reason}")
         if not batched:
             reason = "experts.batched=false"
         elif num_experts == 1:
             reason = "one expert (PEFT's own forward)"  # also under batched=true (num_experts=auto fits K=1)
+        else:
+            reason = grouped_support(self.model, self.names)
+            if batched is True and reason:
+                raise ValueError(f"experts.batched=true: the experts cannot run in one pass here: {reason}")
         self.grouped_reason, self.grouped = reason, reason is None
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
